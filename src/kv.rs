@@ -1,0 +1,292 @@
+//! kv: the only module that names `rocksdb`.
+//!
+//! The store is one RocksDB database with one column family per record kind (see
+//! docs/FORMAT.md). Every filesystem operation is one [`Batch`] written with [`Kv::write`].
+//! A failed write poisons the handle: every later write is refused until the store is
+//! reopened, because after a failed write or fsync the engine's state cannot be trusted.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum KvError {
+    #[error("store is locked by another process (is it mounted?)")]
+    Locked,
+    #[error("storage engine: {0}")]
+    Engine(String),
+    #[error("store was poisoned by an earlier failed write; remount to recover")]
+    Poisoned,
+    #[error("no space left on the device that holds the store")]
+    NoSpace,
+}
+
+impl KvError {
+    fn from_engine(e: rocksdb::Error) -> KvError {
+        let text = e.into_string();
+        if text.contains("No space left") {
+            KvError::NoSpace
+        } else if text.contains("lock") && text.contains("LOCK") {
+            KvError::Locked
+        } else {
+            KvError::Engine(text)
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, KvError>;
+
+/// Column families, one per record kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cf {
+    Chunk,
+    Refcount,
+    Inode,
+    Dirent,
+    Extent,
+    Xattr,
+    Deadlist,
+    Meta,
+}
+
+impl Cf {
+    pub const ALL: [Cf; 8] = [
+        Cf::Chunk,
+        Cf::Refcount,
+        Cf::Inode,
+        Cf::Dirent,
+        Cf::Extent,
+        Cf::Xattr,
+        Cf::Deadlist,
+        Cf::Meta,
+    ];
+
+    /// On-disk names: part of the format, do not change.
+    pub fn name(self) -> &'static str {
+        match self {
+            Cf::Chunk => "chunk",
+            Cf::Refcount => "refcount",
+            Cf::Inode => "inode",
+            Cf::Dirent => "dirent",
+            Cf::Extent => "extent",
+            Cf::Xattr => "xattr",
+            Cf::Deadlist => "deadlist",
+            Cf::Meta => "meta",
+        }
+    }
+}
+
+/// Writes that commit together or not at all.
+#[derive(Default)]
+pub struct Batch {
+    inner: rocksdb::WriteBatch,
+}
+
+impl Batch {
+    pub fn new() -> Batch {
+        Batch::default()
+    }
+
+    pub fn put(&mut self, kv: &Kv, cf: Cf, key: &[u8], value: &[u8]) {
+        self.inner.put_cf(kv.cf(cf), key, value);
+    }
+
+    pub fn delete(&mut self, kv: &Kv, cf: Cf, key: &[u8]) {
+        self.inner.delete_cf(kv.cf(cf), key);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.inner.is_empty()
+    }
+}
+
+pub struct Kv {
+    db: rocksdb::DB,
+    poisoned: AtomicBool,
+}
+
+/// Durability of one write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sync {
+    /// In the WAL, which survives a crash of the process but not of the machine.
+    Process,
+    /// In the WAL and fsynced before the call returns.
+    Disk,
+}
+
+impl Kv {
+    /// Opens (or with `create`, creates) the database in `dir`.
+    pub fn open(dir: &Path, create: bool) -> Result<Kv> {
+        let mut opts = rocksdb::Options::default();
+        opts.create_if_missing(create);
+        opts.create_missing_column_families(create);
+        opts.set_max_background_jobs(2);
+        opts.set_bytes_per_sync(1 << 20);
+        // Bounded memory: 32 MiB memtables, two of them per family at most.
+        opts.set_write_buffer_size(32 << 20);
+        opts.set_max_write_buffer_number(2);
+        opts.set_compression_type(rocksdb::DBCompressionType::None);
+        let descriptors = Cf::ALL.iter().map(|cf| {
+            let mut cf_opts = rocksdb::Options::default();
+            cf_opts.set_write_buffer_size(if *cf == Cf::Chunk { 64 << 20 } else { 16 << 20 });
+            cf_opts.set_max_write_buffer_number(2);
+            cf_opts.set_compression_type(rocksdb::DBCompressionType::None);
+            if *cf == Cf::Chunk {
+                // Chunk payloads are large and already compressed: keep them out of the LSM
+                // tree so compactions move only keys.
+                cf_opts.set_enable_blob_files(true);
+                cf_opts.set_min_blob_size(1024);
+                cf_opts.set_enable_blob_gc(true);
+            }
+            rocksdb::ColumnFamilyDescriptor::new(cf.name(), cf_opts)
+        });
+        let db = rocksdb::DB::open_cf_descriptors(&opts, dir, descriptors)
+            .map_err(KvError::from_engine)?;
+        Ok(Kv {
+            db,
+            poisoned: AtomicBool::new(false),
+        })
+    }
+
+    fn cf(&self, cf: Cf) -> &rocksdb::ColumnFamily {
+        // Every family is created at open, so the handle always exists.
+        #[allow(clippy::expect_used)]
+        self.db.cf_handle(cf.name()).expect("column family opened at start")
+    }
+
+    pub fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.db
+            .get_cf(self.cf(cf), key)
+            .map_err(KvError::from_engine)
+    }
+
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::Acquire)
+    }
+
+    /// Marks the store untrustworthy: later writes are refused.
+    pub fn poison(&self) {
+        self.poisoned.store(true, Ordering::Release);
+    }
+
+    pub fn write(&self, batch: Batch, sync: Sync) -> Result<()> {
+        if self.is_poisoned() {
+            return Err(KvError::Poisoned);
+        }
+        let mut opts = rocksdb::WriteOptions::default();
+        opts.set_sync(sync == Sync::Disk);
+        self.db.write_opt(batch.inner, &opts).map_err(|e| {
+            let err = KvError::from_engine(e);
+            // Running out of space leaves the engine consistent (the write did not happen);
+            // anything else does not, so stop writing.
+            if !matches!(err, KvError::NoSpace) {
+                self.poison();
+                tracing::error!("store write failed, turning read-only: {err}");
+            }
+            err
+        })
+    }
+
+    /// Makes every write so far durable (fsync of the WAL).
+    pub fn sync_wal(&self) -> Result<()> {
+        if self.is_poisoned() {
+            return Err(KvError::Poisoned);
+        }
+        self.db.flush_wal(true).map_err(|e| {
+            self.poison();
+            KvError::from_engine(e)
+        })
+    }
+
+    /// Flushes memtables to table files (used at clean shutdown so reopening is quick).
+    pub fn flush(&self) -> Result<()> {
+        for cf in Cf::ALL {
+            self.db
+                .flush_cf(self.cf(cf))
+                .map_err(KvError::from_engine)?;
+        }
+        Ok(())
+    }
+
+    /// Key-value pairs whose key starts with `prefix`, from `start` (which must itself start
+    /// with `prefix`) onwards, in key order.
+    pub fn scan_from<'a>(
+        &'a self,
+        cf: Cf,
+        prefix: &[u8],
+        start: &[u8],
+    ) -> impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>)>> + 'a {
+        let mut opts = rocksdb::ReadOptions::default();
+        if let Some(upper) = prefix_upper_bound(prefix) {
+            opts.set_iterate_upper_bound(upper);
+        }
+        let mode = rocksdb::IteratorMode::From(start, rocksdb::Direction::Forward);
+        self.db
+            .iterator_cf_opt(self.cf(cf), opts, mode)
+            .map(|item| item.map_err(KvError::from_engine))
+    }
+
+    pub fn scan_prefix<'a>(
+        &'a self,
+        cf: Cf,
+        prefix: &[u8],
+    ) -> impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>)>> + 'a {
+        self.scan_from(cf, prefix, prefix)
+    }
+
+    /// Approximate bytes on disk, for statfs and stats.
+    pub fn live_files_size(&self) -> u64 {
+        self.db
+            .property_int_value("rocksdb.total-sst-files-size")
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+            + self
+                .db
+                .property_int_value("rocksdb.total-blob-file-size")
+                .ok()
+                .flatten()
+                .unwrap_or(0)
+    }
+}
+
+/// The smallest key greater than every key starting with `prefix`, if there is one.
+fn prefix_upper_bound(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut upper = prefix.to_vec();
+    while let Some(last) = upper.pop() {
+        if last != 0xff {
+            upper.push(last + 1);
+            return Some(upper);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upper_bound_of_prefix() {
+        assert_eq!(prefix_upper_bound(b"ab"), Some(b"ac".to_vec()));
+        assert_eq!(prefix_upper_bound(&[1, 0xff]), Some(vec![2]));
+        assert_eq!(prefix_upper_bound(&[0xff, 0xff]), None);
+    }
+
+    #[test]
+    fn batch_is_atomic_and_prefix_scan_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = Kv::open(dir.path(), true).unwrap();
+        let mut batch = Batch::new();
+        batch.put(&kv, Cf::Meta, b"a1", b"x");
+        batch.put(&kv, Cf::Meta, b"a2", b"y");
+        batch.put(&kv, Cf::Meta, b"b1", b"z");
+        kv.write(batch, Sync::Disk).unwrap();
+        let keys: Vec<_> = kv
+            .scan_prefix(Cf::Meta, b"a")
+            .map(|r| r.unwrap().0.to_vec())
+            .collect();
+        assert_eq!(keys, vec![b"a1".to_vec(), b"a2".to_vec()]);
+    }
+}

@@ -1,0 +1,271 @@
+//! Containers: the top-level directories of the mount, each a unit of policy, snapshots
+//! and replication. A container is a record in the meta family plus an entry under the
+//! mount root pointing at its root directory.
+
+use serde::{Deserialize, Serialize};
+
+use super::{check_name, Caller, CounterDelta, FsError, FsResult, Namespace, Txn};
+use crate::format::{self, key, DirentRecord, InodeRecord, Kind};
+use crate::ids::{ContainerId, Epoch, InodeNo};
+use crate::kv::{Cf, Sync};
+use crate::store::now_ns;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerRecord {
+    pub id: ContainerId,
+    pub name: String,
+    pub root: InodeNo,
+    pub live_epoch: Epoch,
+    pub created_ns: i64,
+    /// Bytes of file data referenced by this container's extents.
+    pub logical_bytes: u64,
+    pub files: u64,
+    pub dirs: u64,
+}
+
+/// Serializes an id newtype as its plain number.
+macro_rules! serde_plain_id {
+    ($ty:ty, $inner:ty) => {
+        impl Serialize for $ty {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                self.0.serialize(s)
+            }
+        }
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                <$inner>::deserialize(d).map(Self)
+            }
+        }
+    };
+}
+
+serde_plain_id!(ContainerId, u32);
+serde_plain_id!(InodeNo, u64);
+serde_plain_id!(Epoch, u64);
+
+impl ContainerRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// What `container info` and `container list` show.
+#[derive(Clone, Debug, Serialize)]
+pub struct ContainerInfo {
+    pub name: String,
+    pub id: u32,
+    pub created_ns: i64,
+    pub logical_bytes: u64,
+    pub files: u64,
+    pub dirs: u64,
+    pub entries: u64,
+}
+
+impl Namespace {
+    pub(crate) fn load_containers(&self) -> FsResult<()> {
+        let mut map = self.containers.write();
+        for item in self.kv.scan_prefix(Cf::Meta, format::meta::CONTAINER_PREFIX) {
+            let (k, v) = item?;
+            let rec: ContainerRecord = serde_json::from_slice(&v).map_err(|e| {
+                tracing::error!("container record {:?} does not decode: {e}", hex::encode(&k));
+                FsError::Io
+            })?;
+            map.insert(rec.id, rec);
+        }
+        Ok(())
+    }
+
+    pub fn container_by_name(&self, name: &str) -> Option<ContainerRecord> {
+        self.containers
+            .read()
+            .values()
+            .find(|c| c.name == name)
+            .cloned()
+    }
+
+    pub fn container(&self, id: ContainerId) -> Option<ContainerRecord> {
+        self.containers.read().get(&id).cloned()
+    }
+
+    pub fn containers(&self) -> Vec<ContainerRecord> {
+        let mut all: Vec<_> = self.containers.read().values().cloned().collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
+
+    /// Creates a container owned by `owner`; its root directory has mode 0755 unless given.
+    pub fn create_container(
+        &self,
+        name: &str,
+        owner: Caller,
+        perm: u16,
+    ) -> FsResult<ContainerRecord> {
+        check_name(name.as_bytes())?;
+        let mut st = self.commit.lock();
+        if self.container_by_name(name).is_some() {
+            return Err(FsError::Exists);
+        }
+        let mut txn = Txn::new(Sync::Process);
+        let id = ContainerId(st.next_container);
+        st.next_container += 1;
+        txn.batch.put(
+            &self.kv,
+            Cf::Meta,
+            format::meta::NEXT_CONTAINER,
+            &format::encode_count(st.next_container as u64),
+        );
+        let root = self.alloc_ino(&mut st, &mut txn);
+        let now = now_ns();
+        let record = ContainerRecord {
+            id,
+            name: name.to_string(),
+            root,
+            live_epoch: Epoch::FIRST,
+            created_ns: now,
+            logical_bytes: 0,
+            files: 0,
+            dirs: 0,
+        };
+        let dir = InodeRecord {
+            kind: Kind::Dir,
+            perm: perm & 0o7777,
+            uid: owner.uid,
+            gid: owner.gid,
+            size: 0,
+            data_bytes: 0,
+            parent: InodeNo::ROOT,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            crtime: now,
+            nlink: 2,
+            rdev: 0,
+            generation: 0,
+            container: id,
+            target: Vec::new(),
+        };
+        txn.batch
+            .put(&self.kv, Cf::Meta, &key::container(id), &record.encode());
+        txn.batch.put(
+            &self.kv,
+            Cf::Inode,
+            &key::inode(root, Epoch::FIRST),
+            &dir.encode(),
+        );
+        txn.batch.put(
+            &self.kv,
+            Cf::Dirent,
+            &key::dirent(InodeNo::ROOT, name.as_bytes(), Epoch::ROOT),
+            &DirentRecord {
+                child: root,
+                kind: Kind::Dir,
+            }
+            .encode(),
+        );
+        let mut mount_root = self.inode(InodeNo::ROOT)?;
+        mount_root.nlink += 1;
+        mount_root.mtime = now;
+        mount_root.ctime = now;
+        txn.batch.put(
+            &self.kv,
+            Cf::Inode,
+            &key::inode(InodeNo::ROOT, Epoch::ROOT),
+            &mount_root.encode(),
+        );
+        txn.delta.dirs += 1;
+        self.apply(&mut st, txn, &|_| None)?;
+        self.containers.write().insert(id, record.clone());
+        Ok(record)
+    }
+
+    pub fn container_info(&self, name: &str) -> FsResult<ContainerInfo> {
+        let rec = self.container_by_name(name).ok_or(FsError::NotFound)?;
+        let entries = self.readdir(rec.root)?.len() as u64;
+        Ok(ContainerInfo {
+            name: rec.name,
+            id: rec.id.0,
+            created_ns: rec.created_ns,
+            logical_bytes: rec.logical_bytes,
+            files: rec.files,
+            dirs: rec.dirs,
+            entries,
+        })
+    }
+
+    /// Deletes a container and everything in it. A non-empty container needs `force`;
+    /// a container with open files is busy.
+    pub fn delete_container(&self, name: &str, force: bool) -> FsResult<()> {
+        let rec = self.container_by_name(name).ok_or(FsError::NotFound)?;
+        if !force && !self.readdir(rec.root)?.is_empty() {
+            return Err(FsError::NotEmpty);
+        }
+        let inodes = self.container_inodes(rec.root)?;
+        {
+            let open = self.open_files.lock();
+            if inodes.iter().any(|ino| open.contains_key(ino)) {
+                return Err(FsError::Busy);
+            }
+        }
+        let mut st = self.commit.lock();
+        let mut txn = Txn::new(Sync::Process);
+        for ino in &inodes {
+            self.stage_purge(&mut txn, *ino)?;
+        }
+        // Entries of every directory of the container.
+        for ino in &inodes {
+            for item in self.kv.scan_prefix(Cf::Dirent, &key::dir_prefix(*ino)) {
+                let (k, _) = item?;
+                txn.batch.delete(&self.kv, Cf::Dirent, &k);
+            }
+        }
+        txn.batch.delete(
+            &self.kv,
+            Cf::Dirent,
+            &key::dirent(InodeNo::ROOT, name.as_bytes(), Epoch::ROOT),
+        );
+        txn.batch
+            .delete(&self.kv, Cf::Meta, &key::container(rec.id));
+        let mut mount_root = self.inode(InodeNo::ROOT)?;
+        mount_root.nlink = mount_root.nlink.saturating_sub(1).max(2);
+        mount_root.mtime = now_ns();
+        mount_root.ctime = mount_root.mtime;
+        txn.batch.put(
+            &self.kv,
+            Cf::Inode,
+            &key::inode(InodeNo::ROOT, Epoch::ROOT),
+            &mount_root.encode(),
+        );
+        // The container's own counters go with its record; the store's drop by what it held.
+        txn.container_delta.clear();
+        txn.delta = CounterDelta {
+            logical_bytes: -(rec.logical_bytes as i64),
+            files: -(rec.files as i64),
+            dirs: -(rec.dirs as i64) - 1,
+        };
+        self.apply(&mut st, txn, &|_| None)?;
+        self.containers.write().remove(&rec.id);
+        Ok(())
+    }
+
+    /// Every inode reachable from `root`, `root` included, each once.
+    fn container_inodes(&self, root: InodeNo) -> FsResult<Vec<InodeNo>> {
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        let mut stack = vec![root];
+        seen.insert(root);
+        while let Some(dir) = stack.pop() {
+            out.push(dir);
+            for entry in self.readdir(dir)? {
+                if seen.insert(entry.ino) {
+                    if entry.kind == Kind::Dir {
+                        stack.push(entry.ino);
+                    } else {
+                        out.push(entry.ino);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+

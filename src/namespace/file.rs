@@ -1,0 +1,699 @@
+//! File data: write buffers, content-defined re-chunking on commit, verified reads.
+//!
+//! Writes land in the file's dirty ranges and are acknowledged. A commit (flush, fsync,
+//! release, the size bound, the idle timer) re-chunks only around the dirty bytes: it starts
+//! at the boundary of the chunk holding the first dirty byte and stops at the first cut
+//! after the dirty bytes that falls on an old chunk boundary, where content-defined cuts
+//! have resynchronised; every chunk before and after is reused. Holes are never chunked.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use super::ops::{apply_setattr, FILE_SIZE_MAX};
+use super::{Attr, Caller, FsError, FsResult, Namespace, SetAttr, Txn};
+use crate::chunking;
+use crate::format::{key, ExtentRecord, InodeRecord, Kind};
+use crate::ids::{ChunkId, ContainerId, Epoch, InodeNo};
+use crate::kv::{Cf, Sync};
+use crate::store::now_ns;
+
+/// Dirty bytes of one file that trigger a commit. Big enough that hashing and compression
+/// run on large batches on every core, small enough to bound memory per writer.
+pub const DIRTY_LIMIT: usize = 32 << 20;
+
+/// A committed chunk of a file.
+#[derive(Clone, Copy, Debug)]
+struct Extent {
+    chunk: ChunkId,
+    len: u32,
+    birth: Epoch,
+}
+
+impl Extent {
+    fn end(&self, start: u64) -> u64 {
+        start + self.len as u64
+    }
+}
+
+/// A file that is open (or being worked on): its extent map and pending writes.
+pub struct OpenFile {
+    pub ino: InodeNo,
+    state: Mutex<FileState>,
+}
+
+struct FileState {
+    container: ContainerId,
+    /// Size including pending writes.
+    size: u64,
+    /// Size in the stored inode record.
+    disk_size: u64,
+    /// Bytes covered by committed extents.
+    data_bytes: u64,
+    extents: BTreeMap<u64, Extent>,
+    /// Pending bytes: disjoint, non-adjacent ranges.
+    dirty: BTreeMap<u64, Vec<u8>>,
+    dirty_bytes: usize,
+    /// Extents a truncate dropped, to release at the next commit.
+    released: Vec<(u64, Extent)>,
+    /// mtime and ctime to record at the next commit.
+    times_dirty: Option<i64>,
+    /// A natural cut at which a held-back tail starts: re-chunking may begin there.
+    resume_at: Option<u64>,
+    dirty_since: Option<Instant>,
+}
+
+impl FileState {
+    fn has_pending(&self) -> bool {
+        !self.dirty.is_empty()
+            || !self.released.is_empty()
+            || self.times_dirty.is_some()
+            || self.disk_size != self.size
+    }
+
+    fn insert_dirty(&mut self, offset: u64, data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
+        let end = offset + data.len() as u64;
+        // Fast path: appending right after the last dirty range.
+        if let Some((&s, v)) = self.dirty.range_mut(..=offset).next_back() {
+            let v_end = s + v.len() as u64;
+            if v_end == offset && self.dirty.range(offset + 1..=end).next().is_none() {
+                let v = self.dirty.get_mut(&s).expect("range found above");
+                v.extend_from_slice(data);
+                self.dirty_bytes += data.len();
+                return;
+            }
+        }
+        // General case: merge every range that overlaps or touches [offset, end].
+        let touching: Vec<u64> = self
+            .dirty
+            .range(..=end)
+            .rev()
+            .take_while(|(s, v)| **s + v.len() as u64 >= offset)
+            .map(|(s, _)| *s)
+            .collect();
+        let mut start = offset;
+        let mut stop = end;
+        for s in &touching {
+            let len = self.dirty[s].len() as u64;
+            start = start.min(*s);
+            stop = stop.max(s + len);
+        }
+        let mut merged = vec![0u8; (stop - start) as usize];
+        for s in touching {
+            let old = self.dirty.remove(&s).unwrap_or_default();
+            self.dirty_bytes -= old.len();
+            let at = (s - start) as usize;
+            merged[at..at + old.len()].copy_from_slice(&old);
+        }
+        let at = (offset - start) as usize;
+        merged[at..at + data.len()].copy_from_slice(data);
+        self.dirty_bytes += merged.len();
+        self.dirty.insert(start, merged);
+    }
+
+    /// Drops pending bytes at and after `size`.
+    fn trim_dirty(&mut self, size: u64) {
+        let beyond: Vec<u64> = self.dirty.range(size..).map(|(s, _)| *s).collect();
+        for s in beyond {
+            if let Some(v) = self.dirty.remove(&s) {
+                self.dirty_bytes -= v.len();
+            }
+        }
+        if let Some((&s, v)) = self.dirty.range_mut(..size).next_back() {
+            let keep = (size - s) as usize;
+            if v.len() > keep {
+                self.dirty_bytes -= v.len() - keep;
+                v.truncate(keep);
+            }
+        }
+    }
+
+    fn last_extent_end(&self) -> u64 {
+        self.extents
+            .iter()
+            .next_back()
+            .map(|(s, e)| e.end(*s))
+            .unwrap_or(0)
+    }
+
+    /// Where re-chunking for dirty bytes starting at `d0` must begin.
+    fn region_start(&self, d0: u64) -> u64 {
+        if self.resume_at == Some(d0) {
+            return d0;
+        }
+        match self.extents.range(..=d0).next_back() {
+            // Inside a chunk: start at its beginning.
+            Some((&s, e)) if e.end(s) > d0 => s,
+            // Right after a chunk that ends at a hole or EOF: that cut was forced by the end
+            // of the data, not chosen by content, so re-chunk it with what follows.
+            Some((&s, e)) if e.end(s) == d0 && !self.extents.contains_key(&d0) => s,
+            _ => d0,
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum CommitMode {
+    /// Commit every pending byte.
+    All,
+    /// Keep an unfinished last chunk at EOF pending: the writer is likely still appending.
+    HoldTail,
+}
+
+#[derive(Default)]
+struct CutPlan {
+    /// New chunks: offset and bytes.
+    new: Vec<(u64, Vec<u8>)>,
+    /// Offsets of old extents the new chunks replace.
+    removed: Vec<u64>,
+    /// A tail at EOF left pending: offset and bytes.
+    held: Option<(u64, Vec<u8>)>,
+}
+
+/// Where the bytes of a file range come from.
+enum Holes {
+    /// Reading: holes read as zeros.
+    Zero,
+    /// Re-chunking: stop at the first hole.
+    Stop,
+}
+
+impl OpenFile {
+    pub(crate) fn patch_attr(&self, rec: &mut InodeRecord) {
+        let st = self.state.lock();
+        rec.size = st.size;
+        rec.data_bytes = st.data_bytes + st.dirty_bytes as u64;
+        if let Some(t) = st.times_dirty {
+            rec.mtime = t;
+            rec.ctime = t;
+        }
+    }
+}
+
+impl Namespace {
+    fn load_file(&self, ino: InodeNo, rec: &InodeRecord) -> FsResult<OpenFile> {
+        let mut extents = BTreeMap::new();
+        let mut data_bytes = 0;
+        let mut last_offset = None;
+        for item in self.kv.scan_prefix(Cf::Extent, &key::extents_prefix(ino)) {
+            let (k, v) = item?;
+            let Some((_, offset, birth)) = key::parse_extent(&k) else {
+                tracing::error!("{ino}: malformed extent key {}", hex::encode(&k));
+                return Err(FsError::Io);
+            };
+            // Versions of one offset are adjacent, newest first.
+            if last_offset == Some(offset) {
+                continue;
+            }
+            last_offset = Some(offset);
+            if crate::format::is_tombstone(&v) {
+                continue;
+            }
+            let rec = ExtentRecord::decode(&v).ok_or_else(|| {
+                tracing::error!("{ino}: extent at offset {offset} does not decode");
+                FsError::Io
+            })?;
+            data_bytes += rec.len as u64;
+            extents.insert(
+                offset,
+                Extent {
+                    chunk: rec.chunk,
+                    len: rec.len,
+                    birth,
+                },
+            );
+        }
+        Ok(OpenFile {
+            ino,
+            state: Mutex::new(FileState {
+                container: rec.container,
+                size: rec.size,
+                disk_size: rec.size,
+                data_bytes,
+                extents,
+                dirty: BTreeMap::new(),
+                dirty_bytes: 0,
+                released: Vec::new(),
+                times_dirty: None,
+                resume_at: None,
+                dirty_since: None,
+            }),
+        })
+    }
+
+    /// Opens a regular file: its state stays in memory until the last [`Namespace::release`].
+    pub fn open(&self, ino: InodeNo) -> FsResult<Arc<OpenFile>> {
+        let st = self.commit.lock();
+        let mut open = self.open_files.lock();
+        if let Some(entry) = open.get_mut(&ino) {
+            entry.1 += 1;
+            return Ok(entry.0.clone());
+        }
+        let rec = self.inode(ino)?;
+        if rec.kind != Kind::File {
+            return Err(if rec.kind == Kind::Dir {
+                FsError::IsDir
+            } else {
+                FsError::Invalid
+            });
+        }
+        if rec.nlink == 0 {
+            return Err(FsError::NotFound);
+        }
+        let file = Arc::new(self.load_file(ino, &rec)?);
+        open.insert(ino, (file.clone(), 1));
+        drop(open);
+        drop(st);
+        Ok(file)
+    }
+
+    /// Drops one open handle. The last one commits pending writes and, for a file unlinked
+    /// while open, reclaims it.
+    pub fn release(&self, ino: InodeNo) -> FsResult<()> {
+        let file = {
+            let mut open = self.open_files.lock();
+            let Some(entry) = open.get_mut(&ino) else {
+                return Ok(());
+            };
+            entry.1 = entry.1.saturating_sub(1);
+            if entry.1 > 0 {
+                return Ok(());
+            }
+            entry.0.clone()
+        };
+        let result = self.commit_open_file(&file, Sync::Process);
+        {
+            let mut open = self.open_files.lock();
+            if open.get(&ino).is_some_and(|e| e.1 == 0) {
+                open.remove(&ino);
+            }
+        }
+        result?;
+        self.purge_if_orphan(ino)
+    }
+
+    /// Runs `f` on the open state of `ino`, opening it for the duration if needed.
+    fn with_file<T>(&self, ino: InodeNo, f: impl FnOnce(&Arc<OpenFile>) -> FsResult<T>) -> FsResult<T> {
+        let file = self.open(ino)?;
+        let result = f(&file);
+        let released = self.release(ino);
+        let value = result?;
+        released?;
+        Ok(value)
+    }
+
+    pub fn create_file(&self, parent: InodeNo, name: &[u8], perm: u16, caller: Caller) -> FsResult<Attr> {
+        self.make_node(parent, name, Kind::File, perm, 0, b"", caller)
+    }
+
+    pub fn write(&self, ino: InodeNo, offset: u64, data: &[u8]) -> FsResult<u32> {
+        let end = offset
+            .checked_add(data.len() as u64)
+            .filter(|e| *e <= FILE_SIZE_MAX)
+            .ok_or(FsError::TooBig)?;
+        if self.kv.is_poisoned() {
+            return Err(FsError::ReadOnly);
+        }
+        self.with_file(ino, |file| {
+            let mut st = file.state.lock();
+            st.insert_dirty(offset, data);
+            st.size = st.size.max(end);
+            st.times_dirty = Some(now_ns());
+            st.dirty_since.get_or_insert_with(Instant::now);
+            self.io
+                .bytes_written
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
+            if st.dirty_bytes >= DIRTY_LIMIT {
+                self.commit_state(ino, &mut st, CommitMode::HoldTail, Sync::Process, None)?;
+            }
+            Ok(data.len() as u32)
+        })
+    }
+
+    pub fn read(&self, ino: InodeNo, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        self.with_file(ino, |file| {
+            let st = file.state.lock();
+            if offset >= st.size {
+                return Ok(Vec::new());
+            }
+            let len = (size as u64).min(st.size - offset);
+            let data = self.fill(ino, &st, offset, len, Holes::Zero)?;
+            self.io
+                .bytes_read
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
+            Ok(data)
+        })
+    }
+
+    /// Commits pending writes (close, flush).
+    pub fn flush(&self, ino: InodeNo) -> FsResult<()> {
+        self.with_file(ino, |file| self.commit_open_file(file, Sync::Process))
+    }
+
+    /// Commits pending writes and makes them durable before returning.
+    pub fn fsync(&self, ino: InodeNo) -> FsResult<()> {
+        let rec = self.inode(ino)?;
+        if rec.kind != Kind::File {
+            return Ok(self.kv.sync_wal()?);
+        }
+        self.with_file(ino, |file| self.commit_open_file(file, Sync::Disk))
+    }
+
+    /// Makes every committed operation durable (fsync of a directory, syncfs).
+    pub fn sync_all(&self) -> FsResult<()> {
+        Ok(self.kv.sync_wal()?)
+    }
+
+    pub(crate) fn commit_open_file(&self, file: &OpenFile, sync: Sync) -> FsResult<()> {
+        let mut st = file.state.lock();
+        self.commit_state(file.ino, &mut st, CommitMode::All, sync, None)
+    }
+
+    /// Commits files whose writes have waited longer than `age` (the idle timer).
+    pub fn commit_idle(&self, age: Duration) -> FsResult<()> {
+        let files: Vec<Arc<OpenFile>> = self
+            .open_files
+            .lock()
+            .values()
+            .map(|e| e.0.clone())
+            .collect();
+        for file in files {
+            let mut st = file.state.lock();
+            if st.dirty_since.is_some_and(|t| t.elapsed() >= age) {
+                self.commit_state(file.ino, &mut st, CommitMode::All, Sync::Process, None)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets the size of a regular file; `patch` applies the rest of a setattr in the same
+    /// batch.
+    pub(crate) fn truncate(
+        &self,
+        ino: InodeNo,
+        size: u64,
+        _caller: Caller,
+        patch: impl Fn(&mut InodeRecord, i64) -> FsResult<()>,
+    ) -> FsResult<Attr> {
+        self.with_file(ino, |file| {
+            let mut st = file.state.lock();
+            if size < st.size {
+                st.trim_dirty(size);
+                if st.resume_at.is_some_and(|r| r >= size) {
+                    st.resume_at = None;
+                }
+                let beyond: Vec<u64> = st.extents.range(size..).map(|(s, _)| *s).collect();
+                for s in beyond {
+                    if let Some(e) = st.extents.remove(&s) {
+                        st.released.push((s, e));
+                    }
+                }
+                let straddler = st
+                    .extents
+                    .range(..size)
+                    .next_back()
+                    .filter(|(s, e)| e.end(**s) > size)
+                    .map(|(s, e)| (*s, *e));
+                if let Some((s, e)) = straddler {
+                    // The part before the cut becomes pending data; the chunk goes.
+                    let keep = self.fill(ino, &st, s, size - s, Holes::Zero)?;
+                    st.extents.remove(&s);
+                    st.released.push((s, e));
+                    st.insert_dirty(s, &keep);
+                }
+            }
+            let changed = size != st.size;
+            st.size = size;
+            let now = now_ns();
+            if changed {
+                st.times_dirty = Some(now);
+            }
+            let patch_ref = &patch;
+            self.commit_state(
+                ino,
+                &mut st,
+                CommitMode::All,
+                Sync::Process,
+                Some(&|rec: &mut InodeRecord| patch_ref(rec, now)),
+            )?;
+            drop(st);
+            Ok(())
+        })?;
+        self.getattr(ino)
+    }
+
+    /// Bytes of `[pos, pos+len)` from pending writes over committed chunks. With
+    /// [`Holes::Stop`] the result ends at the first byte that neither covers.
+    fn fill(&self, ino: InodeNo, st: &FileState, pos: u64, len: u64, holes: Holes) -> FsResult<Vec<u8>> {
+        let limit = (pos + len).min(st.size);
+        let mut out = Vec::with_capacity((limit.saturating_sub(pos)) as usize);
+        let mut p = pos;
+        while p < limit {
+            if let Some((&s, v)) = st.dirty.range(..=p).next_back() {
+                let v_end = s + v.len() as u64;
+                if v_end > p {
+                    let stop = v_end.min(limit);
+                    out.extend_from_slice(&v[(p - s) as usize..(stop - s) as usize]);
+                    p = stop;
+                    continue;
+                }
+            }
+            let next_dirty = st
+                .dirty
+                .range(p + 1..)
+                .next()
+                .map(|(s, _)| *s)
+                .unwrap_or(u64::MAX);
+            if let Some((&s, e)) = st.extents.range(..=p).next_back() {
+                if e.end(s) > p {
+                    let stop = e.end(s).min(limit).min(next_dirty);
+                    let data = self.chunks.read(&e.chunk).map_err(|err| {
+                        tracing::error!("{ino} at offset {s}: chunk {}: {err}", e.chunk.to_hex());
+                        FsError::from(err)
+                    })?;
+                    if data.len() != e.len as usize {
+                        tracing::error!("{ino} at offset {s}: chunk {} has {} bytes, extent says {}", e.chunk.to_hex(), data.len(), e.len);
+                        return Err(FsError::Io);
+                    }
+                    out.extend_from_slice(&data[(p - s) as usize..(stop - s) as usize]);
+                    p = stop;
+                    continue;
+                }
+            }
+            // A hole up to the next extent or pending range.
+            let next_extent = st
+                .extents
+                .range(p + 1..)
+                .next()
+                .map(|(s, _)| *s)
+                .unwrap_or(u64::MAX);
+            match holes {
+                Holes::Stop => break,
+                Holes::Zero => {
+                    let stop = next_dirty.min(next_extent).min(limit);
+                    out.resize(out.len() + (stop - p) as usize, 0);
+                    p = stop;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Decides the new chunks of a commit.
+    fn cut(&self, ino: InodeNo, st: &FileState, mode: CommitMode) -> FsResult<CutPlan> {
+        let params = self.store.config.chunker;
+        let max = params.max as u64;
+        let intervals: Vec<(u64, u64)> = st
+            .dirty
+            .iter()
+            .map(|(s, v)| (*s, s + v.len() as u64))
+            .collect();
+        let mut plan = CutPlan::default();
+        let mut covered = 0u64;
+        let mut i = 0;
+        while i < intervals.len() {
+            let (d0, d1) = intervals[i];
+            i += 1;
+            if d1 <= covered {
+                continue;
+            }
+            let start = st.region_start(d0.max(covered)).max(covered);
+            let mut pos = start;
+            let mut dirty_end = d1;
+            // Bytes from `pos` on, read ahead up to one maximum chunk.
+            let mut window: Vec<u8> = Vec::new();
+            let mut exhausted = false;
+            loop {
+                if window.len() < max as usize && !exhausted {
+                    let want = max - window.len() as u64;
+                    let more = self.fill(ino, st, pos + window.len() as u64, want, Holes::Stop)?;
+                    exhausted = (more.len() as u64) < want;
+                    window.extend_from_slice(&more);
+                }
+                if window.is_empty() {
+                    break;
+                }
+                let cut = params.next_cut(&window);
+                let window_end = pos + window.len() as u64;
+                if mode == CommitMode::HoldTail
+                    && !cut.natural
+                    && window_end == st.size
+                    && st.last_extent_end() <= pos
+                    && st
+                        .dirty
+                        .range(..=pos)
+                        .next_back()
+                        .is_some_and(|(s, v)| *s + v.len() as u64 >= st.size)
+                {
+                    plan.held = Some((pos, std::mem::take(&mut window)));
+                    i = intervals.len();
+                    break;
+                }
+                let end = pos + cut.len as u64;
+                let rest = window.split_off(cut.len);
+                plan.new.push((pos, std::mem::replace(&mut window, rest)));
+                pos = end;
+                while i < intervals.len() && intervals[i].0 < pos {
+                    dirty_end = dirty_end.max(intervals[i].1);
+                    i += 1;
+                }
+                if !cut.natural || pos >= st.size {
+                    break;
+                }
+                if pos >= dirty_end && st.extents.contains_key(&pos) {
+                    break;
+                }
+            }
+            plan.removed
+                .extend(st.extents.range(start..pos).map(|(s, _)| *s));
+            covered = pos;
+        }
+        Ok(plan)
+    }
+
+    /// Commits the pending state of a file in one batch.
+    fn commit_state(
+        &self,
+        ino: InodeNo,
+        st: &mut FileState,
+        mode: CommitMode,
+        sync: Sync,
+        patch: Option<&dyn Fn(&mut InodeRecord) -> FsResult<()>>,
+    ) -> FsResult<()> {
+        if !st.has_pending() && patch.is_none() {
+            if sync == Sync::Disk {
+                self.kv.sync_wal()?;
+            }
+            return Ok(());
+        }
+        let plan = self.cut(ino, st, mode)?;
+        let compression = self.store.config.compression;
+        let slices: Vec<&[u8]> = plan.new.iter().map(|(_, d)| d.as_slice()).collect();
+        let prepared = chunking::prepare(&slices, compression, |id| {
+            self.chunks.refcount(id).map(|n| n > 0).unwrap_or(false)
+        });
+
+        let mut txn = Txn::new(sync);
+        let mut logical: i64 = 0;
+        for off in &plan.removed {
+            let e = st.extents[off];
+            txn.batch
+                .delete(&self.kv, Cf::Extent, &key::extent(ino, *off, e.birth));
+            txn.release(e.chunk);
+            logical -= e.len as i64;
+        }
+        for (off, e) in &st.released {
+            txn.batch
+                .delete(&self.kv, Cf::Extent, &key::extent(ino, *off, e.birth));
+            txn.release(e.chunk);
+            logical -= e.len as i64;
+        }
+        let live = self.live_epoch(st.container);
+        let mut new_extents = Vec::with_capacity(prepared.len());
+        for ((off, _), p) in plan.new.iter().zip(prepared) {
+            txn.batch.put(
+                &self.kv,
+                Cf::Extent,
+                &key::extent(ino, *off, live),
+                &ExtentRecord {
+                    chunk: p.id,
+                    len: p.len,
+                }
+                .encode(),
+            );
+            logical += p.len as i64;
+            new_extents.push((
+                *off,
+                Extent {
+                    chunk: p.id,
+                    len: p.len,
+                    birth: live,
+                },
+            ));
+            txn.reference(p.id, p.encoded);
+        }
+        let disk_size = plan.held.as_ref().map(|(s, _)| *s).unwrap_or(st.size);
+        let data_bytes = (st.data_bytes as i64 + logical).max(0) as u64;
+
+        let mut commit = self.commit.lock();
+        let (mut rec, _) = self.read_inode(ino)?.ok_or(FsError::NotFound)?;
+        rec.size = disk_size;
+        rec.data_bytes = data_bytes;
+        if let Some(t) = st.times_dirty {
+            rec.mtime = t;
+            rec.ctime = t;
+        }
+        if let Some(patch) = patch {
+            patch(&mut rec)?;
+        }
+        self.put_inode(&mut txn, ino, &rec);
+        txn.count(st.container, |d| d.logical_bytes += logical);
+        let encode_missing = |id: &ChunkId| {
+            plan.new
+                .iter()
+                .find(|(_, d)| ChunkId::of(d) == *id)
+                .map(|(_, d)| chunking::encode(d, compression))
+        };
+        self.apply(&mut commit, txn, &encode_missing)?;
+        drop(commit);
+
+        for off in &plan.removed {
+            st.extents.remove(off);
+        }
+        st.released.clear();
+        for (off, e) in new_extents {
+            st.extents.insert(off, e);
+        }
+        st.data_bytes = data_bytes;
+        st.disk_size = disk_size;
+        st.times_dirty = None;
+        st.dirty.clear();
+        st.dirty_bytes = 0;
+        st.resume_at = None;
+        st.dirty_since = None;
+        if let Some((s, bytes)) = plan.held {
+            st.resume_at = Some(s);
+            st.dirty_bytes = bytes.len();
+            st.dirty.insert(s, bytes);
+            st.dirty_since = Some(Instant::now());
+        }
+        Ok(())
+    }
+
+    /// setattr for a file that may be open: size changes go through the file's state.
+    pub fn setattr_file(&self, ino: InodeNo, set: &SetAttr, caller: Caller) -> FsResult<Attr> {
+        let set = set.clone();
+        match set.size {
+            Some(size) => self.truncate(ino, size, caller, move |rec, now| {
+                apply_setattr(rec, &SetAttr { size: None, ..set.clone() }, caller, now)
+            }),
+            None => self.setattr(ino, &set, caller),
+        }
+    }
+}

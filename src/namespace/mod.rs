@@ -1,0 +1,559 @@
+//! The namespace: inodes, directory entries, extent maps and xattrs of every container.
+//!
+//! The filesystem core knows no protocol. Every mutating operation builds one [`Txn`] and
+//! commits it with [`Namespace::apply`] while holding the commit lock, so metadata,
+//! extents and reference counts change together in one RocksDB batch.
+//!
+//! Locking: a file's state lock (`file::OpenFile`) is taken before the commit lock, never
+//! after. Chunking, hashing and compression run holding only the file's lock.
+
+mod container;
+mod file;
+mod ops;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+
+pub use container::{ContainerInfo, ContainerRecord};
+pub use file::OpenFile;
+pub use ops::{DirEntry, SetAttr, StatFs};
+
+use crate::chunk_store::{ChunkError, ChunkStore};
+use crate::chunking;
+use crate::format::{self, key, InodeRecord, Kind};
+use crate::ids::{ChunkId, ContainerId, Epoch, InodeNo};
+use crate::kv::{Batch, Cf, Kv, KvError, Sync};
+use crate::store::{now_ns, Store};
+
+/// Errors of filesystem operations. Closed and `Copy`; [`FsError::errno`] is the one place
+/// that maps them to errno values. Context is logged where the error arises.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FsError {
+    #[error("no such file or directory")]
+    NotFound,
+    #[error("already exists")]
+    Exists,
+    #[error("not a directory")]
+    NotDir,
+    #[error("is a directory")]
+    IsDir,
+    #[error("directory not empty")]
+    NotEmpty,
+    #[error("operation not permitted")]
+    NotPermitted,
+    #[error("permission denied")]
+    Access,
+    #[error("invalid argument")]
+    Invalid,
+    #[error("name too long")]
+    NameTooLong,
+    #[error("no space left on device")]
+    NoSpace,
+    #[error("input/output error")]
+    Io,
+    #[error("read-only file system")]
+    ReadOnly,
+    #[error("no such attribute")]
+    NoAttr,
+    #[error("result too large")]
+    Range,
+    #[error("cross-container link or rename")]
+    CrossDevice,
+    #[error("resource busy")]
+    Busy,
+    #[error("file too large")]
+    TooBig,
+}
+
+impl FsError {
+    pub fn errno(self) -> i32 {
+        match self {
+            FsError::NotFound => libc::ENOENT,
+            FsError::Exists => libc::EEXIST,
+            FsError::NotDir => libc::ENOTDIR,
+            FsError::IsDir => libc::EISDIR,
+            FsError::NotEmpty => libc::ENOTEMPTY,
+            FsError::NotPermitted => libc::EPERM,
+            FsError::Access => libc::EACCES,
+            FsError::Invalid => libc::EINVAL,
+            FsError::NameTooLong => libc::ENAMETOOLONG,
+            FsError::NoSpace => libc::ENOSPC,
+            FsError::Io => libc::EIO,
+            FsError::ReadOnly => libc::EROFS,
+            FsError::NoAttr => libc::ENODATA,
+            FsError::Range => libc::ERANGE,
+            FsError::CrossDevice => libc::EXDEV,
+            FsError::Busy => libc::EBUSY,
+            FsError::TooBig => libc::EFBIG,
+        }
+    }
+}
+
+impl From<KvError> for FsError {
+    fn from(e: KvError) -> FsError {
+        match e {
+            KvError::NoSpace => FsError::NoSpace,
+            KvError::Poisoned => FsError::ReadOnly,
+            other => {
+                tracing::error!("storage error: {other}");
+                FsError::Io
+            }
+        }
+    }
+}
+
+impl From<ChunkError> for FsError {
+    fn from(e: ChunkError) -> FsError {
+        match e {
+            ChunkError::Kv(kv) => kv.into(),
+            other => {
+                tracing::error!("{other}");
+                FsError::Io
+            }
+        }
+    }
+}
+
+pub type FsResult<T> = Result<T, FsError>;
+
+/// Who asks: the credentials of the calling process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Caller {
+    pub const ROOT: Caller = Caller { uid: 0, gid: 0 };
+
+    pub fn is_root(&self) -> bool {
+        self.uid == 0
+    }
+}
+
+/// An inode's attributes as the namespace reports them (pending writes included).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: InodeNo,
+    pub rec: InodeRecord,
+}
+
+impl Attr {
+    pub fn kind(&self) -> Kind {
+        self.rec.kind
+    }
+
+    /// 512-byte blocks holding data, for st_blocks (holes hold none).
+    pub fn blocks(&self) -> u64 {
+        self.rec.data_bytes.div_ceil(512)
+    }
+}
+
+/// Store-wide counters, kept exact in the same batches that change them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Bytes of file data referenced by extents (holes excluded), all containers.
+    pub logical_bytes: u64,
+    /// Bytes of stored chunk payloads, after compression.
+    pub stored_bytes: u64,
+    /// Bytes of unique chunks before compression.
+    pub unique_bytes: u64,
+    pub chunks: u64,
+    pub files: u64,
+    pub dirs: u64,
+}
+
+/// Throughput counters of this process (not persisted).
+#[derive(Default)]
+pub struct IoCounters {
+    pub bytes_written: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub started_ns: AtomicU64,
+}
+
+/// State changed only under the commit lock.
+pub(crate) struct CommitState {
+    pub counters: Counters,
+    pub next_ino: u64,
+    pub next_container: u32,
+}
+
+/// Default size of the decompressed-chunk cache.
+pub const DEFAULT_CACHE_BYTES: u64 = 128 << 20;
+
+pub struct Namespace {
+    pub(crate) kv: Arc<Kv>,
+    pub(crate) store: Store,
+    pub chunks: ChunkStore,
+    pub(crate) commit: Mutex<CommitState>,
+    pub(crate) containers: RwLock<HashMap<ContainerId, ContainerRecord>>,
+    /// Open files with their handle counts.
+    pub(crate) open_files: Mutex<HashMap<InodeNo, (Arc<OpenFile>, u32)>>,
+    pub io: IoCounters,
+}
+
+/// The writes of one operation, committed together by [`Namespace::apply`].
+pub(crate) struct Txn {
+    pub batch: Batch,
+    /// Reference-count changes by chunk.
+    pub refs: HashMap<ChunkId, i64>,
+    /// Encoded payloads of chunks that may be new to the store.
+    pub payloads: HashMap<ChunkId, Vec<u8>>,
+    pub delta: CounterDelta,
+    /// Containers whose records (counters) this transaction rewrites, with their deltas.
+    pub container_delta: HashMap<ContainerId, CounterDelta>,
+    pub sync: Sync,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct CounterDelta {
+    pub logical_bytes: i64,
+    pub files: i64,
+    pub dirs: i64,
+}
+
+impl CounterDelta {
+    fn is_zero(&self) -> bool {
+        self.logical_bytes == 0 && self.files == 0 && self.dirs == 0
+    }
+}
+
+fn add(v: u64, d: i64) -> u64 {
+    (v as i64).saturating_add(d).max(0) as u64
+}
+
+impl Txn {
+    pub fn new(sync: Sync) -> Txn {
+        Txn {
+            batch: Batch::new(),
+            refs: HashMap::new(),
+            payloads: HashMap::new(),
+            delta: CounterDelta::default(),
+            container_delta: HashMap::new(),
+            sync,
+        }
+    }
+
+    pub fn reference(&mut self, id: ChunkId, payload: Option<Vec<u8>>) {
+        *self.refs.entry(id).or_insert(0) += 1;
+        if let Some(p) = payload {
+            self.payloads.insert(id, p);
+        }
+    }
+
+    pub fn release(&mut self, id: ChunkId) {
+        *self.refs.entry(id).or_insert(0) -= 1;
+    }
+
+    pub fn count(&mut self, container: ContainerId, f: impl Fn(&mut CounterDelta)) {
+        f(&mut self.delta);
+        f(self.container_delta.entry(container).or_default());
+    }
+}
+
+impl Namespace {
+    /// Opens the namespace of an open store, creating the root on first use and reclaiming
+    /// orphans that a crashed process left behind.
+    pub fn new(store: Store, cache_bytes: u64) -> FsResult<Namespace> {
+        let kv = store.kv.clone();
+        let counters = match kv.get(Cf::Meta, format::meta::STORE_COUNTERS)? {
+            Some(v) => serde_json::from_slice(&v).map_err(|e| {
+                tracing::error!("store counters record is unreadable: {e}");
+                FsError::Io
+            })?,
+            None => Counters::default(),
+        };
+        let read_u64 = |name: &[u8], default: u64| -> FsResult<u64> {
+            Ok(kv
+                .get(Cf::Meta, name)?
+                .and_then(|v| format::decode_count(&v))
+                .unwrap_or(default))
+        };
+        let next_ino = read_u64(format::meta::NEXT_INODE, 2)?;
+        let next_container = read_u64(format::meta::NEXT_CONTAINER, 1)? as u32;
+        let ns = Namespace {
+            chunks: ChunkStore::new(kv.clone(), cache_bytes),
+            kv,
+            store,
+            commit: Mutex::new(CommitState {
+                counters,
+                next_ino,
+                next_container,
+            }),
+            containers: RwLock::new(HashMap::new()),
+            open_files: Mutex::new(HashMap::new()),
+            io: IoCounters::default(),
+        };
+        ns.io
+            .started_ns
+            .store(now_ns().max(0) as u64, Ordering::Relaxed);
+        ns.load_containers()?;
+        ns.ensure_root()?;
+        ns.reclaim_orphans()?;
+        Ok(ns)
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn store_mut(&mut self) -> &mut Store {
+        &mut self.store
+    }
+
+    pub fn config(&self) -> &crate::store::StoreConfig {
+        &self.store.config
+    }
+
+    pub fn counters(&self) -> Counters {
+        self.commit.lock().counters
+    }
+
+    fn ensure_root(&self) -> FsResult<()> {
+        if self.read_inode(InodeNo::ROOT)?.is_some() {
+            return Ok(());
+        }
+        let now = now_ns();
+        let rec = InodeRecord {
+            kind: Kind::Dir,
+            perm: 0o755,
+            uid: 0,
+            gid: 0,
+            size: 0,
+            data_bytes: 0,
+            parent: InodeNo::ROOT,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            crtime: now,
+            nlink: 2,
+            rdev: 0,
+            generation: 0,
+            container: ContainerId::NONE,
+            target: Vec::new(),
+        };
+        let mut st = self.commit.lock();
+        let mut txn = Txn::new(Sync::Disk);
+        txn.batch.put(
+            &self.kv,
+            Cf::Inode,
+            &key::inode(InodeNo::ROOT, Epoch::ROOT),
+            &rec.encode(),
+        );
+        self.apply(&mut st, txn, &|_| None)
+    }
+
+    /// Allocates an inode number. Numbers are never reused, so a stale kernel or NFS handle
+    /// can never name a different file.
+    pub(crate) fn alloc_ino(&self, st: &mut CommitState, txn: &mut Txn) -> InodeNo {
+        let ino = InodeNo(st.next_ino);
+        st.next_ino += 1;
+        txn.batch.put(
+            &self.kv,
+            Cf::Meta,
+            format::meta::NEXT_INODE,
+            &format::encode_count(st.next_ino),
+        );
+        ino
+    }
+
+    /// Commits `txn`: applies reference-count changes (storing chunks that become
+    /// referenced and deleting chunks that drop to zero), counters, then writes the batch.
+    /// `encode_missing` supplies the payload of a chunk that was thought present when it
+    /// was prepared but has been reclaimed since.
+    pub(crate) fn apply(
+        &self,
+        st: &mut CommitState,
+        mut txn: Txn,
+        encode_missing: &dyn Fn(&ChunkId) -> Option<Vec<u8>>,
+    ) -> FsResult<()> {
+        let mut counters = st.counters;
+        let mut reclaimed = Vec::new();
+        for (id, delta) in &txn.refs {
+            if *delta == 0 {
+                continue;
+            }
+            let old = self.chunks.refcount(id)?;
+            let new = old as i64 + delta;
+            if new < 0 {
+                tracing::error!("chunk {id}: reference count would go below zero ({old}{delta:+})");
+                return Err(FsError::Io);
+            }
+            if new == 0 {
+                let stored_len = self
+                    .kv
+                    .get(Cf::Chunk, &id.0)?
+                    .map(|v| (v.len() as u64, chunking::stored_raw_len(&v).unwrap_or(0)));
+                txn.batch.delete(&self.kv, Cf::Chunk, &id.0);
+                txn.batch.delete(&self.kv, Cf::Refcount, &id.0);
+                if let Some((stored, raw)) = stored_len {
+                    counters.stored_bytes = counters.stored_bytes.saturating_sub(stored);
+                    counters.unique_bytes = counters.unique_bytes.saturating_sub(raw as u64);
+                    counters.chunks = counters.chunks.saturating_sub(1);
+                }
+                reclaimed.push(*id);
+                continue;
+            }
+            if old == 0 {
+                let payload = match txn.payloads.remove(id) {
+                    Some(p) => p,
+                    None => encode_missing(id).ok_or_else(|| {
+                        tracing::error!("chunk {id}: referenced but neither stored nor supplied");
+                        FsError::Io
+                    })?,
+                };
+                counters.stored_bytes += payload.len() as u64;
+                counters.unique_bytes += chunking::stored_raw_len(&payload).unwrap_or(0) as u64;
+                counters.chunks += 1;
+                txn.batch.put(&self.kv, Cf::Chunk, &id.0, &payload);
+            }
+            txn.batch.put(
+                &self.kv,
+                Cf::Refcount,
+                &id.0,
+                &format::encode_count(new as u64),
+            );
+        }
+        counters.logical_bytes = add(counters.logical_bytes, txn.delta.logical_bytes);
+        counters.files = add(counters.files, txn.delta.files);
+        counters.dirs = add(counters.dirs, txn.delta.dirs);
+        if counters != st.counters {
+            let encoded = serde_json::to_vec(&counters).unwrap_or_default();
+            txn.batch
+                .put(&self.kv, Cf::Meta, format::meta::STORE_COUNTERS, &encoded);
+        }
+        let mut updated = Vec::new();
+        {
+            let containers = self.containers.read();
+            for (cid, d) in &txn.container_delta {
+                if d.is_zero() || *cid == ContainerId::NONE {
+                    continue;
+                }
+                if let Some(rec) = containers.get(cid) {
+                    let mut rec = rec.clone();
+                    rec.logical_bytes = add(rec.logical_bytes, d.logical_bytes);
+                    rec.files = add(rec.files, d.files);
+                    rec.dirs = add(rec.dirs, d.dirs);
+                    txn.batch
+                        .put(&self.kv, Cf::Meta, &key::container(*cid), &rec.encode());
+                    updated.push(rec);
+                }
+            }
+        }
+        self.kv.write(txn.batch, txn.sync)?;
+        st.counters = counters;
+        let mut containers = self.containers.write();
+        for rec in updated {
+            containers.insert(rec.id, rec);
+        }
+        for id in reclaimed {
+            self.chunks.forget(&id);
+        }
+        Ok(())
+    }
+
+    /// Newest version of the object `prefix` in `cf` (the live view), with its birth epoch.
+    /// `None` when there is none or the newest is a tombstone.
+    pub(crate) fn read_newest(&self, cf: Cf, prefix: &[u8]) -> FsResult<Option<(Vec<u8>, Epoch)>> {
+        for item in self.kv.scan_prefix(cf, prefix) {
+            let (k, v) = item?;
+            // Longer keys with this prefix belong to other objects (other names).
+            if k.len() != prefix.len() + 8 {
+                continue;
+            }
+            let Some((_, birth)) = key::split_versioned(&k) else {
+                continue;
+            };
+            if format::is_tombstone(&v) {
+                return Ok(None);
+            }
+            return Ok(Some((v.to_vec(), birth)));
+        }
+        Ok(None)
+    }
+
+    pub(crate) fn read_inode(&self, ino: InodeNo) -> FsResult<Option<(InodeRecord, Epoch)>> {
+        match self.read_newest(Cf::Inode, &key::inode_prefix(ino))? {
+            None => Ok(None),
+            Some((v, birth)) => match InodeRecord::decode(&v) {
+                Some(rec) => Ok(Some((rec, birth))),
+                None => {
+                    tracing::error!("{ino}: inode record does not decode");
+                    Err(FsError::Io)
+                }
+            },
+        }
+    }
+
+    /// The inode's stored record, or ENOENT.
+    pub(crate) fn inode(&self, ino: InodeNo) -> FsResult<InodeRecord> {
+        self.read_inode(ino)?.map(|(r, _)| r).ok_or(FsError::NotFound)
+    }
+
+    /// Live epoch of a container: the birth epoch of every version written now.
+    pub(crate) fn live_epoch(&self, container: ContainerId) -> Epoch {
+        if container == ContainerId::NONE {
+            return Epoch::ROOT;
+        }
+        self.containers
+            .read()
+            .get(&container)
+            .map(|c| c.live_epoch)
+            .unwrap_or(Epoch::FIRST)
+    }
+
+    /// Stages `rec` as the live version of `ino`, replacing the current live version.
+    pub(crate) fn put_inode(&self, txn: &mut Txn, ino: InodeNo, rec: &InodeRecord) {
+        let e = self.live_epoch(rec.container);
+        txn.batch
+            .put(&self.kv, Cf::Inode, &key::inode(ino, e), &rec.encode());
+    }
+
+    /// Attributes including pending writes of an open file.
+    pub fn getattr(&self, ino: InodeNo) -> FsResult<Attr> {
+        let mut rec = self.inode(ino)?;
+        let open = self.open_files.lock().get(&ino).map(|e| e.0.clone());
+        if let Some(f) = open {
+            f.patch_attr(&mut rec);
+        }
+        Ok(Attr { ino, rec })
+    }
+
+    pub fn io_counters(&self) -> (u64, u64, i64) {
+        (
+            self.io.bytes_written.load(Ordering::Relaxed),
+            self.io.bytes_read.load(Ordering::Relaxed),
+            self.io.started_ns.load(Ordering::Relaxed) as i64,
+        )
+    }
+
+    /// Commits every pending write and flushes the database (clean shutdown).
+    pub fn shutdown(&self) -> FsResult<()> {
+        let open: Vec<Arc<OpenFile>> = self.open_files.lock().values().map(|e| e.0.clone()).collect();
+        let mut result = Ok(());
+        for f in open {
+            if let Err(e) = self.commit_open_file(&f, Sync::Process) {
+                result = Err(e);
+            }
+        }
+        self.kv.sync_wal()?;
+        self.kv.flush()?;
+        result
+    }
+}
+
+/// Checks a name for a directory entry or container.
+pub fn check_name(name: &[u8]) -> FsResult<()> {
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0)
+    {
+        return Err(FsError::Invalid);
+    }
+    if name.len() > format::NAME_MAX {
+        return Err(FsError::NameTooLong);
+    }
+    Ok(())
+}

@@ -1,0 +1,770 @@
+//! Metadata operations: lookup, create, link, unlink, rename, setattr, xattrs, statfs.
+
+use super::{check_name, Attr, Caller, FsError, FsResult, Namespace, Txn};
+use crate::format::{self, key, DirentRecord, ExtentRecord, InodeRecord, Kind};
+use crate::ids::{ContainerId, InodeNo};
+use crate::kv::{Cf, Sync};
+use crate::store::now_ns;
+
+/// One entry of a directory listing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirEntry {
+    pub name: Vec<u8>,
+    pub ino: InodeNo,
+    pub kind: Kind,
+}
+
+/// Attribute changes of a setattr; `None` leaves a field as it is.
+#[derive(Clone, Debug, Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    /// Nanoseconds; `Some(None)` means "now".
+    pub atime: Option<Option<i64>>,
+    pub mtime: Option<Option<i64>>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct StatFs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub bavail: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub namelen: u32,
+}
+
+/// Longest symlink target (PATH_MAX - 1).
+const SYMLINK_MAX: usize = 4095;
+/// Largest xattr value, as on Linux (XATTR_SIZE_MAX).
+const XATTR_VALUE_MAX: usize = 64 * 1024;
+/// Largest file: offsets must fit an i64 (what lseek can address).
+pub const FILE_SIZE_MAX: u64 = i64::MAX as u64;
+
+impl Namespace {
+    pub fn lookup(&self, parent: InodeNo, name: &[u8]) -> FsResult<Attr> {
+        if name.len() > format::NAME_MAX {
+            return Err(FsError::NameTooLong);
+        }
+        let entry = self.dirent(parent, name)?.ok_or(FsError::NotFound)?;
+        self.getattr(entry.child)
+    }
+
+    pub(crate) fn dirent(&self, parent: InodeNo, name: &[u8]) -> FsResult<Option<DirentRecord>> {
+        match self.read_newest(Cf::Dirent, &key::dirent_prefix(parent, name))? {
+            None => Ok(None),
+            Some((v, _)) => match DirentRecord::decode(&v) {
+                Some(d) => Ok(Some(d)),
+                None => {
+                    tracing::error!("entry {:?} of {parent}: record does not decode", String::from_utf8_lossy(name));
+                    Err(FsError::Io)
+                }
+            },
+        }
+    }
+
+    /// Every entry of directory `dir` in name order ("." and ".." not included).
+    pub fn readdir(&self, dir: InodeNo) -> FsResult<Vec<DirEntry>> {
+        let rec = self.inode(dir)?;
+        if rec.kind != Kind::Dir {
+            return Err(FsError::NotDir);
+        }
+        let mut out = Vec::new();
+        let mut last: Option<Vec<u8>> = None;
+        for item in self.kv.scan_prefix(Cf::Dirent, &key::dir_prefix(dir)) {
+            let (k, v) = item?;
+            let Some((_, name, _)) = key::parse_named(&k) else {
+                tracing::error!("directory {dir}: malformed entry key {}", hex::encode(&k));
+                continue;
+            };
+            // Versions of one name are adjacent, newest first: only the first counts.
+            if last.as_deref() == Some(name) {
+                continue;
+            }
+            last = Some(name.to_vec());
+            if format::is_tombstone(&v) {
+                continue;
+            }
+            match DirentRecord::decode(&v) {
+                Some(d) => out.push(DirEntry {
+                    name: name.to_vec(),
+                    ino: d.child,
+                    kind: d.kind,
+                }),
+                None => tracing::error!("directory {dir}: entry {:?} does not decode", String::from_utf8_lossy(name)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The directory `parent` as a place to add or remove entries: it must be a directory
+    /// inside a container, writable by `caller`.
+    fn dir_for_change(&self, parent: InodeNo, caller: Caller) -> FsResult<InodeRecord> {
+        let rec = self.inode(parent)?;
+        if rec.kind != Kind::Dir {
+            return Err(FsError::NotDir);
+        }
+        if parent == InodeNo::ROOT {
+            // The mount root holds containers only; they are made by `container create`
+            // or mkdir, never by creating files there.
+            return Err(FsError::NotPermitted);
+        }
+        check_access(&rec, caller, 0o3)?;
+        Ok(rec)
+    }
+
+    /// Creates a file, directory, symlink or special file.
+    #[allow(clippy::too_many_arguments)]
+    pub fn make_node(
+        &self,
+        parent: InodeNo,
+        name: &[u8],
+        kind: Kind,
+        perm: u16,
+        rdev: u32,
+        target: &[u8],
+        caller: Caller,
+    ) -> FsResult<Attr> {
+        check_name(name)?;
+        if parent == InodeNo::ROOT && kind == Kind::Dir {
+            let rec = self.create_container(
+                std::str::from_utf8(name).map_err(|_| FsError::Invalid)?,
+                caller,
+                perm,
+            )?;
+            return self.getattr(rec.root);
+        }
+        if kind == Kind::Symlink && (target.is_empty() || target.len() > SYMLINK_MAX) {
+            return Err(if target.is_empty() {
+                FsError::NotFound
+            } else {
+                FsError::NameTooLong
+            });
+        }
+        let mut st = self.commit.lock();
+        let mut dir = self.dir_for_change(parent, caller)?;
+        if self.dirent(parent, name)?.is_some() {
+            return Err(FsError::Exists);
+        }
+        let mut txn = Txn::new(Sync::Process);
+        let ino = self.alloc_ino(&mut st, &mut txn);
+        let now = now_ns();
+        // setgid directories pass their group on (BSD semantics, as Linux does).
+        let gid = if dir.perm & 0o2000 != 0 {
+            dir.gid
+        } else {
+            caller.gid
+        };
+        let mut perm = perm & 0o7777;
+        if kind == Kind::Dir && dir.perm & 0o2000 != 0 {
+            perm |= 0o2000;
+        }
+        let rec = InodeRecord {
+            kind,
+            perm,
+            uid: caller.uid,
+            gid,
+            size: if kind == Kind::Symlink {
+                target.len() as u64
+            } else {
+                0
+            },
+            data_bytes: 0,
+            parent: if kind == Kind::Dir { parent } else { InodeNo(0) },
+            atime: now,
+            mtime: now,
+            ctime: now,
+            crtime: now,
+            nlink: if kind == Kind::Dir { 2 } else { 1 },
+            rdev,
+            generation: 0,
+            container: dir.container,
+            target: if kind == Kind::Symlink {
+                target.to_vec()
+            } else {
+                Vec::new()
+            },
+        };
+        self.put_inode(&mut txn, ino, &rec);
+        let e = self.live_epoch(dir.container);
+        txn.batch.put(
+            &self.kv,
+            Cf::Dirent,
+            &key::dirent(parent, name, e),
+            &DirentRecord { child: ino, kind }.encode(),
+        );
+        if kind == Kind::Dir {
+            dir.nlink += 1;
+        }
+        dir.mtime = now;
+        dir.ctime = now;
+        self.put_inode(&mut txn, parent, &dir);
+        txn.count(dir.container, |d| match kind {
+            Kind::Dir => d.dirs += 1,
+            Kind::File => d.files += 1,
+            _ => {}
+        });
+        self.apply(&mut st, txn, &|_| None)?;
+        Ok(Attr { ino, rec })
+    }
+
+    pub fn readlink(&self, ino: InodeNo) -> FsResult<Vec<u8>> {
+        let rec = self.inode(ino)?;
+        if rec.kind != Kind::Symlink {
+            return Err(FsError::Invalid);
+        }
+        Ok(rec.target)
+    }
+
+    pub fn link(&self, ino: InodeNo, parent: InodeNo, name: &[u8], caller: Caller) -> FsResult<Attr> {
+        check_name(name)?;
+        let mut st = self.commit.lock();
+        let mut rec = self.inode(ino)?;
+        if rec.kind == Kind::Dir {
+            return Err(FsError::NotPermitted);
+        }
+        let mut dir = self.dir_for_change(parent, caller)?;
+        if dir.container != rec.container {
+            return Err(FsError::CrossDevice);
+        }
+        if self.dirent(parent, name)?.is_some() {
+            return Err(FsError::Exists);
+        }
+        if rec.nlink == 0 {
+            return Err(FsError::NotFound);
+        }
+        let now = now_ns();
+        let mut txn = Txn::new(Sync::Process);
+        rec.nlink += 1;
+        rec.ctime = now;
+        self.put_inode(&mut txn, ino, &rec);
+        let e = self.live_epoch(dir.container);
+        txn.batch.put(
+            &self.kv,
+            Cf::Dirent,
+            &key::dirent(parent, name, e),
+            &DirentRecord {
+                child: ino,
+                kind: rec.kind,
+            }
+            .encode(),
+        );
+        dir.mtime = now;
+        dir.ctime = now;
+        self.put_inode(&mut txn, parent, &dir);
+        self.apply(&mut st, txn, &|_| None)?;
+        drop(st);
+        self.getattr(ino)
+    }
+
+    pub fn unlink(&self, parent: InodeNo, name: &[u8], caller: Caller) -> FsResult<()> {
+        self.remove_entry(parent, name, caller, false)
+    }
+
+    pub fn rmdir(&self, parent: InodeNo, name: &[u8], caller: Caller) -> FsResult<()> {
+        if name == b"." {
+            return Err(FsError::Invalid);
+        }
+        if name == b".." {
+            return Err(FsError::NotEmpty);
+        }
+        self.remove_entry(parent, name, caller, true)
+    }
+
+    fn remove_entry(&self, parent: InodeNo, name: &[u8], caller: Caller, dir_wanted: bool) -> FsResult<()> {
+        let mut st = self.commit.lock();
+        if parent == InodeNo::ROOT {
+            // Containers go only through `dedupfs container delete`, which asks for --force.
+            return Err(FsError::NotPermitted);
+        }
+        let mut dir = self.dir_for_change(parent, caller)?;
+        let entry = self.dirent(parent, name)?.ok_or(FsError::NotFound)?;
+        let mut rec = self.inode(entry.child)?;
+        check_sticky(&dir, &rec, caller)?;
+        match (dir_wanted, rec.kind == Kind::Dir) {
+            (true, false) => return Err(FsError::NotDir),
+            (false, true) => return Err(FsError::IsDir),
+            _ => {}
+        }
+        if dir_wanted && !self.readdir(entry.child)?.is_empty() {
+            return Err(FsError::NotEmpty);
+        }
+        let now = now_ns();
+        let mut txn = Txn::new(Sync::Process);
+        self.stage_entry_delete(&mut txn, parent, name, dir.container);
+        if rec.kind == Kind::Dir {
+            dir.nlink = dir.nlink.saturating_sub(1);
+        }
+        dir.mtime = now;
+        dir.ctime = now;
+        self.put_inode(&mut txn, parent, &dir);
+        self.stage_unref_inode(&mut txn, entry.child, &mut rec, now)?;
+        self.apply(&mut st, txn, &|_| None)
+    }
+
+    fn stage_entry_delete(&self, txn: &mut Txn, parent: InodeNo, name: &[u8], container: ContainerId) {
+        let e = self.live_epoch(container);
+        txn.batch
+            .delete(&self.kv, Cf::Dirent, &key::dirent(parent, name, e));
+    }
+
+    /// Drops one link to `ino`. At zero links the inode goes, or, while it is open, goes on
+    /// the orphan list to be reclaimed at its last release (or the next mount).
+    fn stage_unref_inode(&self, txn: &mut Txn, ino: InodeNo, rec: &mut InodeRecord, now: i64) -> FsResult<()> {
+        let last = rec.kind == Kind::Dir || rec.nlink <= 1;
+        if !last {
+            rec.nlink -= 1;
+            rec.ctime = now;
+            self.put_inode(txn, ino, rec);
+            return Ok(());
+        }
+        rec.nlink = 0;
+        rec.ctime = now;
+        let kind = rec.kind;
+        txn.count(rec.container, |d| match kind {
+            Kind::Dir => d.dirs -= 1,
+            Kind::File => d.files -= 1,
+            _ => {}
+        });
+        if self.open_files.lock().contains_key(&ino) {
+            self.put_inode(txn, ino, rec);
+            txn.batch.put(&self.kv, Cf::Meta, &key::orphan(ino), b"");
+            Ok(())
+        } else {
+            self.stage_purge(txn, ino)
+        }
+    }
+
+    /// Stages deletion of an inode's record, extents (releasing their chunks), xattrs and
+    /// orphan entry. Its directory entries are the caller's business.
+    pub(crate) fn stage_purge(&self, txn: &mut Txn, ino: InodeNo) -> FsResult<()> {
+        let container = self.read_inode(ino)?.map(|(r, _)| r.container);
+        for item in self.kv.scan_prefix(Cf::Inode, &key::inode_prefix(ino)) {
+            let (k, _) = item?;
+            txn.batch.delete(&self.kv, Cf::Inode, &k);
+        }
+        let mut logical = 0i64;
+        for item in self.kv.scan_prefix(Cf::Extent, &key::extents_prefix(ino)) {
+            let (k, v) = item?;
+            txn.batch.delete(&self.kv, Cf::Extent, &k);
+            if let Some(ext) = ExtentRecord::decode(&v) {
+                txn.release(ext.chunk);
+                logical += ext.len as i64;
+            }
+        }
+        for item in self.kv.scan_prefix(Cf::Xattr, &key::inode_prefix(ino)) {
+            let (k, _) = item?;
+            txn.batch.delete(&self.kv, Cf::Xattr, &k);
+        }
+        txn.batch.delete(&self.kv, Cf::Meta, &key::orphan(ino));
+        if let Some(c) = container {
+            txn.count(c, |d| d.logical_bytes -= logical);
+        }
+        Ok(())
+    }
+
+    /// Reclaims inodes on the orphan list: unlinked while open, then the process ended.
+    pub(crate) fn reclaim_orphans(&self) -> FsResult<()> {
+        let orphans: Vec<InodeNo> = self
+            .kv
+            .scan_prefix(Cf::Meta, format::meta::ORPHAN_PREFIX)
+            .filter_map(|item| item.ok().and_then(|(k, _)| key::parse_orphan(&k)))
+            .collect();
+        for ino in orphans {
+            if self.open_files.lock().contains_key(&ino) {
+                continue;
+            }
+            let mut st = self.commit.lock();
+            let mut txn = Txn::new(Sync::Process);
+            self.stage_purge(&mut txn, ino)?;
+            self.apply(&mut st, txn, &|_| None)?;
+        }
+        Ok(())
+    }
+
+    /// Called at a file's last release: an unlinked file's data goes now.
+    pub(crate) fn purge_if_orphan(&self, ino: InodeNo) -> FsResult<()> {
+        let mut st = self.commit.lock();
+        match self.read_inode(ino)? {
+            Some((rec, _)) if rec.nlink == 0 => {
+                let mut txn = Txn::new(Sync::Process);
+                self.stage_purge(&mut txn, ino)?;
+                self.apply(&mut st, txn, &|_| None)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// rename(2) with RENAME_NOREPLACE and RENAME_EXCHANGE.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rename(
+        &self,
+        parent: InodeNo,
+        name: &[u8],
+        new_parent: InodeNo,
+        new_name: &[u8],
+        noreplace: bool,
+        exchange: bool,
+        caller: Caller,
+    ) -> FsResult<()> {
+        check_name(new_name)?;
+        if noreplace && exchange {
+            return Err(FsError::Invalid);
+        }
+        let mut st = self.commit.lock();
+        if parent == InodeNo::ROOT || new_parent == InodeNo::ROOT {
+            return Err(FsError::NotPermitted);
+        }
+        let mut src_dir = self.dir_for_change(parent, caller)?;
+        let mut dst_dir = if new_parent == parent {
+            src_dir.clone()
+        } else {
+            self.dir_for_change(new_parent, caller)?
+        };
+        if src_dir.container != dst_dir.container {
+            return Err(FsError::CrossDevice);
+        }
+        let entry = self.dirent(parent, name)?.ok_or(FsError::NotFound)?;
+        let mut moved = self.inode(entry.child)?;
+        check_sticky(&src_dir, &moved, caller)?;
+        let target = self.dirent(new_parent, new_name)?;
+        if parent == new_parent && name == new_name {
+            return if exchange && target.is_none() {
+                Err(FsError::NotFound)
+            } else {
+                Ok(())
+            };
+        }
+        // A directory cannot move into its own subtree.
+        if moved.kind == Kind::Dir && self.is_ancestor(entry.child, new_parent)? {
+            return Err(FsError::Invalid);
+        }
+        let now = now_ns();
+        let container = src_dir.container;
+        let e = self.live_epoch(container);
+        let mut txn = Txn::new(Sync::Process);
+        let put_entry = |txn: &mut Txn, dir: InodeNo, n: &[u8], d: DirentRecord| {
+            txn.batch
+                .put(&self.kv, Cf::Dirent, &key::dirent(dir, n, e), &d.encode());
+        };
+        let same_dir = parent == new_parent;
+        if exchange {
+            let other = target.ok_or(FsError::NotFound)?;
+            let mut other_rec = self.inode(other.child)?;
+            check_sticky(&dst_dir, &other_rec, caller)?;
+            if other_rec.kind == Kind::Dir && self.is_ancestor(other.child, parent)? {
+                return Err(FsError::Invalid);
+            }
+            put_entry(&mut txn, parent, name, other);
+            put_entry(&mut txn, new_parent, new_name, entry);
+            if !same_dir {
+                if moved.kind == Kind::Dir {
+                    moved.parent = new_parent;
+                    src_dir.nlink -= 1;
+                    dst_dir.nlink += 1;
+                }
+                if other_rec.kind == Kind::Dir {
+                    other_rec.parent = parent;
+                    dst_dir.nlink -= 1;
+                    src_dir.nlink += 1;
+                }
+            }
+            other_rec.ctime = now;
+            self.put_inode(&mut txn, other.child, &other_rec);
+        } else {
+            if let Some(t) = target {
+                if noreplace {
+                    return Err(FsError::Exists);
+                }
+                if t.child == entry.child {
+                    // Two names of one inode: POSIX says do nothing.
+                    return Ok(());
+                }
+                let mut trec = self.inode(t.child)?;
+                check_sticky(&dst_dir, &trec, caller)?;
+                match (moved.kind == Kind::Dir, trec.kind == Kind::Dir) {
+                    (true, false) => return Err(FsError::NotDir),
+                    (false, true) => return Err(FsError::IsDir),
+                    (true, true) => {
+                        if !self.readdir(t.child)?.is_empty() {
+                            return Err(FsError::NotEmpty);
+                        }
+                        dst_dir.nlink -= 1;
+                    }
+                    _ => {}
+                }
+                self.stage_unref_inode(&mut txn, t.child, &mut trec, now)?;
+            }
+            txn.batch
+                .delete(&self.kv, Cf::Dirent, &key::dirent(parent, name, e));
+            put_entry(&mut txn, new_parent, new_name, entry);
+            if moved.kind == Kind::Dir && !same_dir {
+                moved.parent = new_parent;
+                src_dir.nlink -= 1;
+                dst_dir.nlink += 1;
+            }
+        }
+        moved.ctime = now;
+        self.put_inode(&mut txn, entry.child, &moved);
+        src_dir.mtime = now;
+        src_dir.ctime = now;
+        dst_dir.mtime = now;
+        dst_dir.ctime = now;
+        if same_dir {
+            // One directory: every change of a same-directory rename went to `dst_dir`.
+            self.put_inode(&mut txn, parent, &dst_dir);
+        } else {
+            self.put_inode(&mut txn, parent, &src_dir);
+            self.put_inode(&mut txn, new_parent, &dst_dir);
+        }
+        self.apply(&mut st, txn, &|_| None)
+    }
+
+    /// True when `dir` is `node` or lies below it.
+    fn is_ancestor(&self, node: InodeNo, mut dir: InodeNo) -> FsResult<bool> {
+        for _ in 0..4096 {
+            if dir == node {
+                return Ok(true);
+            }
+            if dir == InodeNo::ROOT || dir.0 == 0 {
+                return Ok(false);
+            }
+            let rec = self.inode(dir)?;
+            if rec.parent == dir {
+                return Ok(false);
+            }
+            dir = rec.parent;
+        }
+        Ok(false)
+    }
+
+    pub fn setattr(&self, ino: InodeNo, set: &SetAttr, caller: Caller) -> FsResult<Attr> {
+        if ino == InodeNo::ROOT {
+            return Err(FsError::NotPermitted);
+        }
+        if let Some(size) = set.size {
+            if size > FILE_SIZE_MAX {
+                return Err(FsError::TooBig);
+            }
+            let rec = self.inode(ino)?;
+            if rec.kind == Kind::Dir {
+                return Err(FsError::IsDir);
+            }
+            if rec.kind != Kind::File {
+                return Err(FsError::Invalid);
+            }
+            check_access(&rec, caller, 0o2)?;
+            let set = set.clone();
+            return self.truncate(ino, size, caller, move |rec, now| {
+                apply_setattr(rec, &set, caller, now)
+            });
+        }
+        let mut st = self.commit.lock();
+        let mut rec = self.inode(ino)?;
+        let now = now_ns();
+        apply_setattr(&mut rec, set, caller, now)?;
+        let mut txn = Txn::new(Sync::Process);
+        self.put_inode(&mut txn, ino, &rec);
+        self.apply(&mut st, txn, &|_| None)?;
+        drop(st);
+        self.getattr(ino)
+    }
+
+    pub fn setxattr(&self, ino: InodeNo, name: &[u8], value: &[u8], create: bool, replace: bool, caller: Caller) -> FsResult<()> {
+        if name.is_empty() || name.contains(&0) {
+            return Err(FsError::Invalid);
+        }
+        if name.len() > format::NAME_MAX {
+            return Err(FsError::Range);
+        }
+        if value.len() > XATTR_VALUE_MAX {
+            return Err(FsError::TooBig);
+        }
+        let mut st = self.commit.lock();
+        let mut rec = self.inode(ino)?;
+        if ino == InodeNo::ROOT {
+            return Err(FsError::NotPermitted);
+        }
+        if !caller.is_root() && name.starts_with(b"trusted.") {
+            return Err(FsError::NotPermitted);
+        }
+        let exists = self.read_newest(Cf::Xattr, &key::xattr_prefix(ino, name))?.is_some();
+        if create && exists {
+            return Err(FsError::Exists);
+        }
+        if replace && !exists {
+            return Err(FsError::NoAttr);
+        }
+        let e = self.live_epoch(rec.container);
+        let mut txn = Txn::new(Sync::Process);
+        let mut v = Vec::with_capacity(value.len() + 1);
+        v.push(format::LIVE);
+        v.extend_from_slice(value);
+        txn.batch.put(&self.kv, Cf::Xattr, &key::xattr(ino, name, e), &v);
+        rec.ctime = now_ns();
+        self.put_inode(&mut txn, ino, &rec);
+        self.apply(&mut st, txn, &|_| None)
+    }
+
+    pub fn getxattr(&self, ino: InodeNo, name: &[u8]) -> FsResult<Vec<u8>> {
+        self.inode(ino)?;
+        match self.read_newest(Cf::Xattr, &key::xattr_prefix(ino, name))? {
+            Some((v, _)) => Ok(v[1..].to_vec()),
+            None => Err(FsError::NoAttr),
+        }
+    }
+
+    /// Attribute names, each followed by a NUL, as listxattr(2) returns them.
+    pub fn listxattr(&self, ino: InodeNo) -> FsResult<Vec<u8>> {
+        self.inode(ino)?;
+        let mut out = Vec::new();
+        let mut last: Option<Vec<u8>> = None;
+        for item in self.kv.scan_prefix(Cf::Xattr, &key::inode_prefix(ino)) {
+            let (k, v) = item?;
+            let Some((_, name, _)) = key::parse_named(&k) else {
+                continue;
+            };
+            if last.as_deref() == Some(name) {
+                continue;
+            }
+            last = Some(name.to_vec());
+            if !format::is_tombstone(&v) {
+                out.extend_from_slice(name);
+                out.push(0);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn removexattr(&self, ino: InodeNo, name: &[u8], caller: Caller) -> FsResult<()> {
+        let mut st = self.commit.lock();
+        let mut rec = self.inode(ino)?;
+        if !caller.is_root() && name.starts_with(b"trusted.") {
+            return Err(FsError::NotPermitted);
+        }
+        let Some((_, birth)) = self.read_newest(Cf::Xattr, &key::xattr_prefix(ino, name))? else {
+            return Err(FsError::NoAttr);
+        };
+        let mut txn = Txn::new(Sync::Process);
+        txn.batch
+            .delete(&self.kv, Cf::Xattr, &key::xattr(ino, name, birth));
+        rec.ctime = now_ns();
+        self.put_inode(&mut txn, ino, &rec);
+        self.apply(&mut st, txn, &|_| None)
+    }
+
+    /// Free space of the filesystem holding the store; used space is what the store holds.
+    pub fn statfs(&self) -> FsResult<StatFs> {
+        let path = std::ffi::CString::new(self.store.path.as_os_str().as_encoded_bytes())
+            .map_err(|_| FsError::Invalid)?;
+        // SAFETY: statvfs writes into the zeroed struct we pass; path is NUL-terminated.
+        let mut vfs: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statvfs(path.as_ptr(), &mut vfs) } != 0 {
+            return Err(FsError::Io);
+        }
+        let bsize = 4096u64;
+        let frsize = vfs.f_frsize.max(1);
+        let free = vfs.f_bfree * frsize / bsize;
+        let avail = vfs.f_bavail * frsize / bsize;
+        let used = self.counters().stored_bytes.div_ceil(bsize);
+        let c = self.counters();
+        Ok(StatFs {
+            blocks: used + free,
+            bfree: free,
+            bavail: avail,
+            files: c.files + c.dirs + vfs.f_ffree,
+            ffree: vfs.f_ffree,
+            bsize: bsize as u32,
+            namelen: format::NAME_MAX as u32,
+        })
+    }
+}
+
+/// Checks `want` (rwx bits, 0o4/0o2/0o1) against the owner/group/other bits of `rec`.
+pub(crate) fn check_access(rec: &InodeRecord, caller: Caller, want: u16) -> FsResult<()> {
+    if caller.is_root() {
+        return Ok(());
+    }
+    let bits = if caller.uid == rec.uid {
+        (rec.perm >> 6) & 7
+    } else if caller.gid == rec.gid {
+        (rec.perm >> 3) & 7
+    } else {
+        rec.perm & 7
+    };
+    if bits & want == want {
+        Ok(())
+    } else {
+        Err(FsError::Access)
+    }
+}
+
+/// In a sticky directory only the owner of an entry, of the directory, or root may remove
+/// or rename it.
+fn check_sticky(dir: &InodeRecord, rec: &InodeRecord, caller: Caller) -> FsResult<()> {
+    if dir.perm & 0o1000 == 0 || caller.is_root() || caller.uid == rec.uid || caller.uid == dir.uid {
+        Ok(())
+    } else {
+        Err(FsError::NotPermitted)
+    }
+}
+
+/// Applies the non-size fields of a setattr with chmod/chown/utimens permission rules.
+pub(crate) fn apply_setattr(rec: &mut InodeRecord, set: &SetAttr, caller: Caller, now: i64) -> FsResult<()> {
+    let owner = caller.is_root() || caller.uid == rec.uid;
+    let rec_perm = &rec.clone();
+    if let Some(mode) = set.mode {
+        if !owner {
+            return Err(FsError::NotPermitted);
+        }
+        let mut perm = (mode & 0o7777) as u16;
+        // A non-root caller outside the file's group cannot set setgid.
+        if !caller.is_root() && caller.gid != rec.gid {
+            perm &= !0o2000;
+        }
+        rec.perm = perm;
+    }
+    if set.uid.is_some() || set.gid.is_some() {
+        let uid_change = set.uid.is_some_and(|u| u != rec.uid);
+        let gid_change = set.gid.is_some_and(|g| g != rec.gid);
+        if uid_change && !caller.is_root() {
+            return Err(FsError::NotPermitted);
+        }
+        if gid_change && !caller.is_root() && (caller.uid != rec.uid || set.gid != Some(caller.gid)) {
+            return Err(FsError::NotPermitted);
+        }
+        if let Some(u) = set.uid {
+            rec.uid = u;
+        }
+        if let Some(g) = set.gid {
+            rec.gid = g;
+        }
+        // chown clears setuid and setgid on non-directories.
+        if rec.kind != Kind::Dir && (uid_change || gid_change || !caller.is_root()) {
+            rec.perm &= !0o6000;
+        }
+    }
+    for (field, value) in [(&mut rec.atime, set.atime), (&mut rec.mtime, set.mtime)] {
+        match value {
+            None => {}
+            Some(None) => {
+                // "now" needs ownership or write permission.
+                if !owner {
+                    check_access(rec_perm, caller, 0o2)?;
+                }
+                *field = now;
+            }
+            Some(Some(t)) => {
+                if !owner {
+                    return Err(FsError::NotPermitted);
+                }
+                *field = t;
+            }
+        }
+    }
+    rec.ctime = now;
+    Ok(())
+}
