@@ -16,3 +16,6 @@ pub mod ids;
 pub mod kv;
 pub mod namespace;
 pub mod store;
+pub mod control;
+pub mod daemon;
+pub mod fuse;

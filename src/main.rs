@@ -1,1 +1,303 @@
-fn main() {}
+//! The `dedupfs` command line.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, Subcommand};
+use serde_json::Value;
+
+use dedupfs::chunking::{parse_size, ChunkerParams, Compression};
+use dedupfs::control::{self, Op};
+use dedupfs::daemon::{self, MountConfig};
+use dedupfs::namespace::{Namespace, DEFAULT_CACHE_BYTES};
+use dedupfs::store::{Store, LOG_FILE};
+
+#[derive(Parser)]
+#[command(
+    name = "dedupfs",
+    version,
+    about = "A deduplicating filesystem for backup and secondary storage",
+    long_about = "A deduplicating filesystem for backup and secondary storage.\n\n\
+        Everything written through the mount is cut into content-defined chunks, each stored \
+        once (BLAKE3-addressed, zstd-compressed) in a store directory. The top-level \
+        directories of the mount are containers.\n\n\
+        Quick start:\n  dedupfs init /srv/dedup\n  mkdir -p /mnt/dedup && dedupfs mount /srv/dedup /mnt/dedup\n  \
+        dedupfs container create backups --store /srv/dedup\n  cp -a /etc /mnt/dedup/backups/\n  \
+        dedupfs stats --store /srv/dedup\n  dedupfs umount /mnt/dedup"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct StoreArg {
+    /// Store directory [env: DEDUPFS_STORE; default: ~/.local/share/dedupfs/store]
+    #[arg(long, short = 's')]
+    store: Option<PathBuf>,
+}
+
+impl StoreArg {
+    fn path(&self) -> PathBuf {
+        self.store
+            .clone()
+            .or_else(|| std::env::var_os("DEDUPFS_STORE").map(PathBuf::from))
+            .unwrap_or_else(default_store)
+    }
+}
+
+fn default_store() -> PathBuf {
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| "/root".into());
+    home.join(".local/share/dedupfs/store")
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a new store in STORE (a missing or empty directory)
+    Init {
+        store: PathBuf,
+        /// Average chunk size: a power of two from 1K to 4M
+        #[arg(long, default_value = "64K")]
+        chunk_avg: String,
+        /// Chunk compression: none, zstd or zstd:LEVEL (1-19)
+        #[arg(long, default_value = "zstd:3")]
+        compression: String,
+    },
+    /// Mount STORE on MOUNTPOINT (in the background unless --foreground)
+    Mount {
+        store: PathBuf,
+        mountpoint: PathBuf,
+        /// Mount options, comma separated: allow_other, allow_root, ro, noatime, ...
+        #[arg(short = 'o')]
+        options: Vec<String>,
+        /// Stay attached to the terminal; unmount with Ctrl-C or `dedupfs umount`
+        #[arg(long, short = 'f')]
+        foreground: bool,
+        /// Memory for decompressed chunks (e.g. 128M)
+        #[arg(long, default_value = "128M")]
+        cache_size: String,
+        /// Internal: pipe on which a background child reports readiness
+        #[arg(long, hide = true)]
+        ready_fd: Option<i32>,
+    },
+    /// Flush and unmount a dedupfs mount
+    Umount { mountpoint: PathBuf },
+    /// Manage containers, the top-level directories of the mount
+    Container {
+        #[command(subcommand)]
+        command: ContainerCommand,
+    },
+    /// Show space savings and throughput, for the store or one container
+    Stats {
+        container: Option<String>,
+        /// Print JSON instead of text
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        store: StoreArg,
+    },
+    /// Check every record, refcount and chunk of a store that is not mounted
+    Fsck { store: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum ContainerCommand {
+    /// Create a container
+    Create {
+        name: String,
+        #[command(flatten)]
+        store: StoreArg,
+    },
+    /// List containers
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        store: StoreArg,
+    },
+    /// Show one container
+    Info {
+        name: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        store: StoreArg,
+    },
+    /// Delete a container (--force if it is not empty)
+    Delete {
+        name: String,
+        /// Delete the container and everything in it
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        store: StoreArg,
+    },
+}
+
+fn main() -> ExitCode {
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("dedupfs: internal error: {info}");
+    }));
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dedupfs: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Init {
+            store,
+            chunk_avg,
+            compression,
+        } => {
+            let avg = parse_size(&chunk_avg)?;
+            let chunker = ChunkerParams::with_average(avg)?;
+            let compression = Compression::parse(&compression)?;
+            let config = Store::init(&store, chunker, compression)?;
+            println!(
+                "created store {} (id {}, chunks {} avg, {})",
+                store.display(),
+                config.store_id,
+                human(config.chunker.avg as u64),
+                config.compression
+            );
+            Ok(())
+        }
+        Command::Mount {
+            store,
+            mountpoint,
+            options,
+            foreground,
+            cache_size,
+            ready_fd,
+        } => {
+            let cache_bytes = parse_size(&cache_size)?;
+            let store = std::fs::canonicalize(&store)
+                .map_err(|e| anyhow!("store {}: {e}", store.display()))?;
+            let cfg = MountConfig {
+                store: store.clone(),
+                mountpoint,
+                options,
+                cache_bytes,
+            };
+            if foreground {
+                init_logging();
+                daemon::serve(cfg, ready_fd)
+            } else {
+                Store::check(&store)?;
+                let log = store.join(LOG_FILE);
+                daemon::spawn_background(&cfg, &log)?;
+                Ok(())
+            }
+        }
+        Command::Umount { mountpoint } => daemon::unmount(&mountpoint),
+        Command::Container { command } => container(command),
+        Command::Stats {
+            container,
+            json,
+            store,
+        } => {
+            let value = request(&store.path(), Op::Stats { container })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            } else {
+                println!("{value}"); // WIP-STATS
+            }
+            Ok(())
+        }
+        Command::Fsck { store } => {
+            let _ = Store::open(&store)?;
+            bail!("WIP-FSCK")
+        }
+    }
+}
+
+/// Runs `op` through the daemon that holds the store, or on the store directly.
+fn request(store: &Path, op: Op) -> Result<Value> {
+    if let Some(value) = control::call(store, op.clone()).map_err(|e| anyhow!(e))? {
+        return Ok(value);
+    }
+    let opened = Store::open(store)?;
+    let ns = Namespace::new(opened, DEFAULT_CACHE_BYTES)
+        .map_err(|e| anyhow!("{}: {e}", store.display()))?;
+    let result = control::execute(&ns, &op).map_err(|e| anyhow!(e));
+    ns.shutdown()
+        .map_err(|e| anyhow!("{}: flushing: {e}", store.display()))?;
+    result
+}
+
+fn container(command: ContainerCommand) -> Result<()> {
+    match command {
+        ContainerCommand::Create { name, store } => {
+            request(&store.path(), Op::ContainerCreate { name: name.clone() })?;
+            println!("created container {name}");
+        }
+        ContainerCommand::List { json, store } => {
+            let value = request(&store.path(), Op::ContainerList)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            } else {
+                println!("{:<32} {:>12} {:>10} {:>8}", "NAME", "LOGICAL", "FILES", "DIRS");
+                for c in value.as_array().into_iter().flatten() {
+                    println!(
+                        "{:<32} {:>12} {:>10} {:>8}",
+                        c["name"].as_str().unwrap_or("?"),
+                        human(c["logical_bytes"].as_u64().unwrap_or(0)),
+                        c["files"].as_u64().unwrap_or(0),
+                        c["dirs"].as_u64().unwrap_or(0)
+                    );
+                }
+            }
+        }
+        ContainerCommand::Info { name, json, store } => {
+            let value = request(&store.path(), Op::ContainerInfo { name })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            } else {
+                println!("name:     {}", value["name"].as_str().unwrap_or("?"));
+                println!("id:       {}", value["id"]);
+                println!("logical:  {}", human(value["logical_bytes"].as_u64().unwrap_or(0)));
+                println!("files:    {}", value["files"]);
+                println!("dirs:     {}", value["dirs"]);
+                println!("entries:  {}", value["entries"]);
+            }
+        }
+        ContainerCommand::Delete { name, force, store } => {
+            request(&store.path(), Op::ContainerDelete { name: name.clone(), force })
+                .context("delete")?;
+            println!("deleted container {name}");
+        }
+    }
+    Ok(())
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = bytes as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}

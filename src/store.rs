@@ -188,6 +188,16 @@ impl Store {
     }
 }
 
+/// True while some process holds the store's lock.
+pub fn is_locked(path: &Path) -> bool {
+    let Ok(file) = File::open(path.join(LOCK_FILE)) else {
+        return false;
+    };
+    // SAFETY: flock on a descriptor we own.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
+    rc != 0
+}
+
 fn lock(path: &Path) -> Result<File, StoreError> {
     let lock_path = path.join(LOCK_FILE);
     let mut file = OpenOptions::new()

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use super::ops::{apply_setattr, FILE_SIZE_MAX};
-use super::{Attr, Caller, FsError, FsResult, Namespace, SetAttr, Txn};
+use super::ops::FILE_SIZE_MAX;
+use super::{Attr, Caller, FsError, FsResult, Namespace, Txn};
 use crate::chunking;
 use crate::format::{key, ExtentRecord, InodeRecord, Kind};
 use crate::ids::{ChunkId, ContainerId, Epoch, InodeNo};
@@ -249,6 +249,12 @@ impl Namespace {
 
     /// Opens a regular file: its state stays in memory until the last [`Namespace::release`].
     pub fn open(&self, ino: InodeNo) -> FsResult<Arc<OpenFile>> {
+        if let Some(entry) = self.open_files.lock().get_mut(&ino) {
+            entry.1 += 1;
+            return Ok(entry.0.clone());
+        }
+        // Loading happens under the commit lock so that no unlink can purge the inode
+        // between reading it and registering it as open.
         let st = self.commit.lock();
         let mut open = self.open_files.lock();
         if let Some(entry) = open.get_mut(&ino) {
@@ -684,16 +690,5 @@ impl Namespace {
             st.dirty_since = Some(Instant::now());
         }
         Ok(())
-    }
-
-    /// setattr for a file that may be open: size changes go through the file's state.
-    pub fn setattr_file(&self, ino: InodeNo, set: &SetAttr, caller: Caller) -> FsResult<Attr> {
-        let set = set.clone();
-        match set.size {
-            Some(size) => self.truncate(ino, size, caller, move |rec, now| {
-                apply_setattr(rec, &SetAttr { size: None, ..set.clone() }, caller, now)
-            }),
-            None => self.setattr(ino, &set, caller),
-        }
     }
 }

@@ -1,0 +1,269 @@
+//! Control socket of a running mount: one JSON request and one JSON reply per line.
+//!
+//! The socket lives in the store directory with mode 0600 and accepts only root or the
+//! owner of the store. The same [`execute`] serves requests from the socket and from the
+//! CLI when no daemon holds the store, so both paths behave alike.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::namespace::{Caller, FsError, Namespace};
+
+/// Version of the request format; a request with another version is refused.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Longest request line accepted: requests are small; anything longer is an error.
+const MAX_REQUEST: usize = 64 * 1024;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Op {
+    Ping,
+    ContainerCreate { name: String },
+    ContainerList,
+    ContainerInfo { name: String },
+    ContainerDelete { name: String, force: bool },
+    Stats { container: Option<String> },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Request {
+    pub v: u32,
+    #[serde(flatten)]
+    pub op: Op,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Reply {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+fn container_error(name: &str, e: FsError) -> String {
+    match e {
+        FsError::NotFound => format!("container {name:?} does not exist"),
+        FsError::Exists => format!("container {name:?} already exists"),
+        FsError::NotEmpty => format!("container {name:?} is not empty; use --force to delete it and everything in it"),
+        FsError::Busy => format!("container {name:?} has open files"),
+        FsError::Invalid => format!("invalid container name {name:?}: it must not be empty, '.', '..' or contain '/'"),
+        FsError::NameTooLong => format!("container name is longer than {} bytes", crate::format::NAME_MAX),
+        other => format!("container {name:?}: {other}"),
+    }
+}
+
+/// Runs one operation against an open namespace.
+pub fn execute(ns: &Namespace, op: &Op) -> Result<Value, String> {
+    match op {
+        Op::Ping => Ok(json!({ "pid": std::process::id() })),
+        Op::ContainerCreate { name } => ns
+            .create_container(name, Caller::ROOT, 0o755)
+            .map(|r| json!({ "name": r.name, "id": r.id.0 }))
+            .map_err(|e| container_error(name, e)),
+        Op::ContainerList => {
+            let list: Vec<Value> = ns
+                .containers()
+                .into_iter()
+                .map(|c| {
+                    json!({ "name": c.name, "id": c.id.0, "created_ns": c.created_ns,
+                            "logical_bytes": c.logical_bytes, "files": c.files, "dirs": c.dirs })
+                })
+                .collect();
+            Ok(Value::Array(list))
+        }
+        Op::ContainerInfo { name } => ns
+            .container_info(name)
+            .map(|i| serde_json::to_value(i).unwrap_or(Value::Null))
+            .map_err(|e| container_error(name, e)),
+        Op::ContainerDelete { name, force } => ns
+            .delete_container(name, *force)
+            .map(|()| json!({ "deleted": name }))
+            .map_err(|e| container_error(name, e)),
+        Op::Stats { container } => {
+            let _ = (ns, container);
+            Err("WIP-STATS".to_string())
+        }
+    }
+}
+
+/// Sends `op` to the daemon holding the store at `store`. `Ok(None)` when no daemon
+/// listens (the caller then opens the store itself).
+pub fn call(store: &Path, op: Op) -> Result<Option<Value>, String> {
+    let path = store.join(crate::store::CONTROL_SOCKET);
+    let mut stream = match UnixStream::connect(&path) {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(None)
+        }
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(600)));
+    let request = Request {
+        v: PROTOCOL_VERSION,
+        op,
+    };
+    let mut line = serde_json::to_vec(&request).map_err(|e| e.to_string())?;
+    line.push(b'\n');
+    stream
+        .write_all(&line)
+        .map_err(|e| format!("control socket: {e}"))?;
+    let mut reply = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut reply)
+        .map_err(|e| format!("control socket: {e}"))?;
+    let reply: Reply =
+        serde_json::from_str(&reply).map_err(|e| format!("control socket: bad reply: {e}"))?;
+    if reply.ok {
+        Ok(Some(reply.data.unwrap_or(Value::Null)))
+    } else {
+        Err(reply.error.unwrap_or_else(|| "unknown error".into()))
+    }
+}
+
+/// Answers one request line.
+pub fn handle_line(ns: &Namespace, line: &str) -> Reply {
+    let fail = |error: String| Reply {
+        ok: false,
+        data: None,
+        error: Some(error),
+    };
+    let request: Request = match serde_json::from_str(line) {
+        Ok(r) => r,
+        Err(e) => return fail(format!("malformed request: {e}")),
+    };
+    if request.v != PROTOCOL_VERSION {
+        return fail(format!(
+            "unsupported protocol version {} (this daemon speaks {PROTOCOL_VERSION})",
+            request.v
+        ));
+    }
+    match execute(ns, &request.op) {
+        Ok(data) => Reply {
+            ok: true,
+            data: Some(data),
+            error: None,
+        },
+        Err(e) => fail(e),
+    }
+}
+
+/// Listens on the store's control socket until the process ends.
+pub struct ControlServer {
+    path: PathBuf,
+}
+
+impl ControlServer {
+    pub fn start(ns: Arc<Namespace>, store: &Path) -> std::io::Result<ControlServer> {
+        let path = store.join(crate::store::CONTROL_SOCKET);
+        // We hold the store lock, so a socket file left here is stale.
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        let owner = std::fs::metadata(store)?.uid();
+        std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || {
+                for stream in listener.incoming().flatten() {
+                    let ns = ns.clone();
+                    let _ = std::thread::Builder::new()
+                        .name("control-conn".into())
+                        .spawn(move || serve(&ns, stream, owner));
+                }
+            })?;
+        Ok(ControlServer { path })
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn peer_uid(stream: &UnixStream) -> Option<u32> {
+    use std::os::unix::io::AsRawFd;
+    let mut cred: libc::ucred = libc::ucred {
+        pid: 0,
+        uid: u32::MAX,
+        gid: u32::MAX,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, which is that large.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            &mut cred as *mut libc::ucred as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(cred.uid)
+}
+
+fn serve(ns: &Namespace, stream: UnixStream, owner: u32) {
+    let mut writer = match stream.try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    };
+    let respond = |writer: &mut UnixStream, reply: &Reply| {
+        let mut out = serde_json::to_vec(reply).unwrap_or_default();
+        out.push(b'\n');
+        writer.write_all(&out)
+    };
+    match peer_uid(&stream) {
+        Some(uid) if uid == 0 || uid == owner => {}
+        _ => {
+            let _ = respond(
+                &mut writer,
+                &Reply {
+                    ok: false,
+                    data: None,
+                    error: Some("permission denied: only root or the store owner may use the control socket".into()),
+                },
+            );
+            return;
+        }
+    }
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut line = Vec::new();
+        match (&mut reader)
+            .take(MAX_REQUEST as u64 + 1)
+            .read_until(b'\n', &mut line)
+        {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        if line.len() > MAX_REQUEST {
+            let _ = respond(
+                &mut writer,
+                &Reply {
+                    ok: false,
+                    data: None,
+                    error: Some(format!("request longer than {MAX_REQUEST} bytes")),
+                },
+            );
+            return;
+        }
+        let reply = handle_line(ns, String::from_utf8_lossy(&line).trim_end());
+        if respond(&mut writer, &reply).is_err() {
+            return;
+        }
+    }
+}

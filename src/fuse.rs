@@ -1,0 +1,548 @@
+//! The FUSE adapter: the only module that names `fuser`.
+//!
+//! Each method decodes the request, calls one namespace function and replies once. There
+//! is no filesystem logic here that a test could not reach through the namespace.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
+    Request, TimeOrNow, WriteFlags,
+};
+use parking_lot::Mutex;
+
+use crate::format::Kind;
+use crate::ids::InodeNo;
+use crate::namespace::{Attr, Caller, DirEntry, FsError, Namespace, SetAttr};
+
+/// How long the kernel may cache entries and attributes. Short, because the control socket
+/// can change the namespace (container create/delete) behind the kernel's back.
+const TTL: Duration = Duration::from_secs(1);
+
+/// Largest write the kernel sends in one request; larger requests mean fewer round trips.
+const MAX_WRITE: u32 = 1 << 20;
+
+pub struct DedupFs {
+    ns: Arc<Namespace>,
+    /// Listings of open directories, by handle: a readdir offset is an index into one, so
+    /// a listing resumes in O(1) however large the directory.
+    dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
+    next_fh: AtomicU64,
+}
+
+impl DedupFs {
+    pub fn new(ns: Arc<Namespace>) -> DedupFs {
+        DedupFs {
+            ns,
+            dirs: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+        }
+    }
+}
+
+fn errno(e: FsError) -> Errno {
+    Errno::from_i32(e.errno())
+}
+
+fn caller(req: &Request) -> Caller {
+    Caller {
+        uid: req.uid(),
+        gid: req.gid(),
+    }
+}
+
+fn time(ns: i64) -> SystemTime {
+    if ns >= 0 {
+        UNIX_EPOCH + Duration::from_nanos(ns as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs())
+    }
+}
+
+fn time_ns(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_nanos() as i64,
+        Err(e) => -(e.duration().as_nanos() as i64),
+    }
+}
+
+fn file_type(kind: Kind) -> FileType {
+    match kind {
+        Kind::File => FileType::RegularFile,
+        Kind::Dir => FileType::Directory,
+        Kind::Symlink => FileType::Symlink,
+        Kind::Fifo => FileType::NamedPipe,
+        Kind::Socket => FileType::Socket,
+        Kind::CharDev => FileType::CharDevice,
+        Kind::BlockDev => FileType::BlockDevice,
+    }
+}
+
+fn file_attr(a: &Attr) -> FileAttr {
+    let r = &a.rec;
+    FileAttr {
+        ino: INodeNo(a.ino.0),
+        size: r.size,
+        blocks: a.blocks(),
+        atime: time(r.atime),
+        mtime: time(r.mtime),
+        ctime: time(r.ctime),
+        crtime: time(r.crtime),
+        kind: file_type(r.kind),
+        perm: r.perm,
+        nlink: r.nlink,
+        uid: r.uid,
+        gid: r.gid,
+        rdev: r.rdev,
+        blksize: 65536,
+        flags: 0,
+    }
+}
+
+fn ino(i: INodeNo) -> InodeNo {
+    InodeNo(i.0)
+}
+
+fn opt_time(t: Option<TimeOrNow>) -> Option<Option<i64>> {
+    t.map(|t| match t {
+        TimeOrNow::Now => None,
+        TimeOrNow::SpecificTime(st) => Some(time_ns(st)),
+    })
+}
+
+impl DedupFs {
+    fn reply_entry(&self, result: Result<Attr, FsError>, reply: ReplyEntry) {
+        match result {
+            Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(a.rec.generation)),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn reply_empty(result: Result<(), FsError>, reply: ReplyEmpty) {
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn reply_xattr(result: Result<Vec<u8>, FsError>, size: u32, reply: ReplyXattr) {
+        match result {
+            Ok(v) if size == 0 => reply.size(v.len() as u32),
+            Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
+            Ok(v) => reply.data(&v),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn new_fh(&self) -> u64 {
+        self.next_fh.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+impl Filesystem for DedupFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(MAX_WRITE);
+        let _ = config.set_max_readahead(MAX_WRITE);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.reply_entry(self.ns.lookup(ino(parent), name.as_bytes()), reply);
+    }
+
+    fn getattr(&self, _req: &Request, i: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.ns.getattr(ino(i)) {
+            Ok(a) => reply.attr(&TTL, &file_attr(&a)),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        req: &Request,
+        i: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let set = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: opt_time(atime),
+            mtime: opt_time(mtime),
+        };
+        match self.ns.setattr(ino(i), &set, caller(req)) {
+            Ok(a) => reply.attr(&TTL, &file_attr(&a)),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, i: INodeNo, reply: ReplyData) {
+        match self.ns.readlink(ino(i)) {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let Some(kind) = Kind::from_mode(mode) else {
+            reply.error(Errno::EINVAL);
+            return;
+        };
+        if kind == Kind::Dir || kind == Kind::Symlink {
+            reply.error(Errno::EINVAL);
+            return;
+        }
+        let perm = (mode & !umask & 0o7777) as u16;
+        self.reply_entry(
+            self.ns
+                .make_node(ino(parent), name.as_bytes(), kind, perm, rdev, b"", caller(req)),
+            reply,
+        );
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let perm = (mode & !umask & 0o7777) as u16;
+        self.reply_entry(
+            self.ns
+                .make_node(ino(parent), name.as_bytes(), Kind::Dir, perm, 0, b"", caller(req)),
+            reply,
+        );
+    }
+
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        Self::reply_empty(self.ns.unlink(ino(parent), name.as_bytes(), caller(req)), reply);
+    }
+
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        Self::reply_empty(self.ns.rmdir(ino(parent), name.as_bytes(), caller(req)), reply);
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        self.reply_entry(
+            self.ns.make_node(
+                ino(parent),
+                link_name.as_bytes(),
+                Kind::Symlink,
+                0o777,
+                0,
+                target.as_os_str().as_bytes(),
+                caller(req),
+            ),
+            reply,
+        );
+    }
+
+    fn rename(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        if flags.contains(RenameFlags::RENAME_WHITEOUT) {
+            reply.error(Errno::EINVAL);
+            return;
+        }
+        Self::reply_empty(
+            self.ns.rename(
+                ino(parent),
+                name.as_bytes(),
+                ino(newparent),
+                newname.as_bytes(),
+                flags.contains(RenameFlags::RENAME_NOREPLACE),
+                flags.contains(RenameFlags::RENAME_EXCHANGE),
+                caller(req),
+            ),
+            reply,
+        );
+    }
+
+    fn link(
+        &self,
+        req: &Request,
+        i: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        self.reply_entry(
+            self.ns
+                .link(ino(i), ino(newparent), newname.as_bytes(), caller(req)),
+            reply,
+        );
+    }
+
+    fn open(&self, _req: &Request, i: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.ns.open(ino(i)) {
+            Ok(_) => reply.opened(FileHandle(self.new_fh()), FopenFlags::empty()),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        i: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.ns.read(ino(i), offset, size) {
+            Ok(data) => reply.data(&data),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        i: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.ns.write(ino(i), offset, data) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        i: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        Self::reply_empty(self.ns.flush(ino(i)), reply);
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        i: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        Self::reply_empty(self.ns.release(ino(i)), reply);
+    }
+
+    fn fsync(&self, _req: &Request, i: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        Self::reply_empty(self.ns.fsync(ino(i)), reply);
+    }
+
+    fn opendir(&self, _req: &Request, i: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.ns.readdir(ino(i)) {
+            Ok(entries) => {
+                let fh = self.new_fh();
+                self.dirs.lock().insert(fh, Arc::new(entries));
+                reply.opened(FileHandle(fh), FopenFlags::empty());
+            }
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        i: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let Some(entries) = self.dirs.lock().get(&fh.0).cloned() else {
+            reply.error(Errno::EBADF);
+            return;
+        };
+        // Offsets: 1 is ".", 2 is "..", 3 + n is entries[n]; each entry carries the offset
+        // of the one after it.
+        let mut next = offset;
+        if next == 0 {
+            if reply.add(i, 1, FileType::Directory, ".") {
+                reply.ok();
+                return;
+            }
+            next = 1;
+        }
+        if next == 1 {
+            let parent = self
+                .ns
+                .getattr(ino(i))
+                .map(|a| a.rec.parent.0)
+                .ok()
+                .filter(|p| *p != 0)
+                .unwrap_or(i.0);
+            if reply.add(INodeNo(parent), 2, FileType::Directory, "..") {
+                reply.ok();
+                return;
+            }
+            next = 2;
+        }
+        let start = (next - 2) as usize;
+        for (n, e) in entries.iter().enumerate().skip(start) {
+            if reply.add(
+                INodeNo(e.ino.0),
+                n as u64 + 3,
+                file_type(e.kind),
+                OsStr::from_bytes(&e.name),
+            ) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _i: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.dirs.lock().remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(&self, _req: &Request, _i: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        Self::reply_empty(self.ns.sync_all(), reply);
+    }
+
+    fn statfs(&self, _req: &Request, _i: INodeNo, reply: ReplyStatfs) {
+        match self.ns.statfs() {
+            Ok(s) => reply.statfs(
+                s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.bsize,
+            ),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        req: &Request,
+        i: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        Self::reply_empty(
+            self.ns.setxattr(
+                ino(i),
+                name.as_bytes(),
+                value,
+                flags & libc::XATTR_CREATE != 0,
+                flags & libc::XATTR_REPLACE != 0,
+                caller(req),
+            ),
+            reply,
+        );
+    }
+
+    fn getxattr(&self, _req: &Request, i: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        Self::reply_xattr(self.ns.getxattr(ino(i), name.as_bytes()), size, reply);
+    }
+
+    fn listxattr(&self, _req: &Request, i: INodeNo, size: u32, reply: ReplyXattr) {
+        Self::reply_xattr(self.ns.listxattr(ino(i)), size, reply);
+    }
+
+    fn removexattr(&self, req: &Request, i: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        Self::reply_empty(
+            self.ns.removexattr(ino(i), name.as_bytes(), caller(req)),
+            reply,
+        );
+    }
+
+    fn access(&self, _req: &Request, i: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // Permission checks are the kernel's (default_permissions); existence is ours.
+        Self::reply_empty(self.ns.getattr(ino(i)).map(|_| ()), reply);
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let perm = (mode & !umask & 0o7777) as u16;
+        let created = self
+            .ns
+            .create_file(ino(parent), name.as_bytes(), perm, caller(req))
+            .and_then(|a| self.ns.open(a.ino).map(|_| a));
+        match created {
+            Ok(a) => reply.created(
+                &TTL,
+                &file_attr(&a),
+                Generation(a.rec.generation),
+                FileHandle(self.new_fh()),
+                FopenFlags::empty(),
+            ),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+}
