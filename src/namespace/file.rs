@@ -480,7 +480,11 @@ impl Namespace {
                 if e.end(s) > p {
                     let stop = e.end(s).min(limit).min(next_dirty);
                     let data = self.chunks.read(&e.chunk).map_err(|err| {
-                        tracing::error!("{ino} at offset {s}: chunk {}: {err}", e.chunk.to_hex());
+                        tracing::error!(
+                            "{} at offset {s}: chunk {}: {err}",
+                            self.describe(ino),
+                            e.chunk.to_hex()
+                        );
                         FsError::from(err)
                     })?;
                     if data.len() != e.len as usize {

@@ -66,6 +66,33 @@ impl Namespace {
         }
     }
 
+    /// A path of `ino` inside the mount, for messages: found by scanning directory entries,
+    /// so use it only on error paths. Falls back to the inode number.
+    pub fn describe(&self, ino: InodeNo) -> String {
+        let mut parts: Vec<String> = Vec::new();
+        let mut cur = ino;
+        for _ in 0..256 {
+            if cur == InodeNo::ROOT {
+                parts.reverse();
+                return format!("/{} ({ino})", parts.join("/"));
+            }
+            let found = self.kv.scan_prefix(Cf::Dirent, b"").find_map(|item| {
+                let (k, v) = item.ok()?;
+                let (parent, name, _) = key::parse_named(&k)?;
+                let d = DirentRecord::decode(&v)?;
+                (d.child == cur).then(|| (parent, String::from_utf8_lossy(name).into_owned()))
+            });
+            match found {
+                Some((parent, name)) => {
+                    parts.push(name);
+                    cur = parent;
+                }
+                None => break,
+            }
+        }
+        format!("{ino}")
+    }
+
     /// Every entry of directory `dir` in name order ("." and ".." not included).
     pub fn readdir(&self, dir: InodeNo) -> FsResult<Vec<DirEntry>> {
         let rec = self.inode(dir)?;
