@@ -30,6 +30,10 @@ const TTL: Duration = Duration::from_secs(1);
 /// Largest write the kernel sends in one request; larger requests mean fewer round trips.
 const MAX_WRITE: u32 = 1 << 20;
 
+/// Keep the kernel's page cache of a file across opens: every change to file data goes
+/// through this mount, so cached pages stay true, and warm re-reads never reach the daemon.
+const OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE;
+
 pub struct DedupFs {
     ns: Arc<Namespace>,
     /// Listings of open directories, by handle: a readdir offset is an index into one, so
@@ -322,7 +326,7 @@ impl Filesystem for DedupFs {
 
     fn open(&self, _req: &Request, i: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.ns.open(ino(i)) {
-            Ok(_) => reply.opened(FileHandle(self.new_fh()), FopenFlags::empty()),
+            Ok(_) => reply.opened(FileHandle(self.new_fh()), OPEN_FLAGS),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -540,7 +544,7 @@ impl Filesystem for DedupFs {
                 &file_attr(&a),
                 Generation(a.rec.generation),
                 FileHandle(self.new_fh()),
-                FopenFlags::empty(),
+                OPEN_FLAGS,
             ),
             Err(e) => reply.error(errno(e)),
         }
