@@ -1,0 +1,176 @@
+//! Test harness: a store in a temp dir, mounted through the real `dedupfs` binary.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_dedupfs");
+
+/// Runs `dedupfs ARGS` and returns its output.
+pub fn dedupfs<I, S>(args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("run dedupfs")
+}
+
+/// Asserts success and returns stdout.
+pub fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "dedupfs failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A store in a temp dir, mounted, with one container named "c".
+pub struct Mounted {
+    pub dir: tempfile::TempDir,
+    pub store: PathBuf,
+    pub mnt: PathBuf,
+    mounted: bool,
+}
+
+impl Mounted {
+    pub fn new() -> Mounted {
+        Self::with_options(&[])
+    }
+
+    /// Mounts with extra `-o` options (e.g. "allow_other").
+    pub fn with_options(options: &[&str]) -> Mounted {
+        assert!(
+            Path::new("/dev/fuse").exists(),
+            "/dev/fuse is missing: FUSE mount tests cannot run (this is a failure, not a skip)"
+        );
+        let dir = tempfile::Builder::new()
+            .prefix("dedupfs-test")
+            .tempdir()
+            .expect("tempdir");
+        let store = dir.path().join("store");
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).expect("mkdir mnt");
+        ok(dedupfs([
+            "init".as_ref(),
+            store.as_os_str(),
+            "--compression".as_ref(),
+            "zstd:1".as_ref(),
+        ]));
+        let mut m = Mounted {
+            dir,
+            store,
+            mnt,
+            mounted: false,
+        };
+        m.mount_with(options);
+        ok(dedupfs([
+            "container".as_ref(),
+            "create".as_ref(),
+            "c".as_ref(),
+            "--store".as_ref(),
+            m.store.as_os_str(),
+        ]));
+        m
+    }
+
+    /// The container "c" in the mount.
+    pub fn c(&self) -> PathBuf {
+        self.mnt.join("c")
+    }
+
+    pub fn mount(&mut self) {
+        self.mount_with(&[]);
+    }
+
+    pub fn mount_with(&mut self, options: &[&str]) {
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "mount".into(),
+            self.store.clone().into(),
+            self.mnt.clone().into(),
+        ];
+        for o in options {
+            args.push("-o".into());
+            args.push(o.into());
+        }
+        ok(dedupfs(&args));
+        self.mounted = true;
+    }
+
+    pub fn unmount(&mut self) {
+        if self.mounted {
+            ok(dedupfs(["umount".as_ref(), self.mnt.as_os_str()]));
+            self.mounted = false;
+        }
+    }
+
+    pub fn remount(&mut self) {
+        self.unmount();
+        self.mount();
+    }
+
+    /// Runs fsck on the unmounted store and returns its output; panics unless clean.
+    pub fn fsck_clean(&mut self) -> String {
+        self.unmount();
+        let out = dedupfs(["fsck".as_ref(), self.store.as_os_str()]);
+        ok(out)
+    }
+
+    /// Ends the test: unmount, fsck must be clean.
+    pub fn finish(mut self) {
+        self.fsck_clean();
+    }
+
+    /// Pid of the mount daemon (from the store's lock file).
+    pub fn daemon_pid(&self) -> Option<i32> {
+        let text = std::fs::read_to_string(self.store.join("lock")).ok()?;
+        text.split_whitespace().nth(1)?.parse().ok()
+    }
+
+    /// Marks the mount as gone after the daemon was killed; clears the dead mount.
+    pub fn forget_killed_mount(&mut self) {
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg("-z")
+            .arg(&self.mnt)
+            .status();
+        // Wait for the kernel to drop the connection and the lock to be free.
+        for _ in 0..100 {
+            if !is_mounted(&self.mnt) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.mounted = false;
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if self.mounted {
+            let out = dedupfs(["umount".as_ref(), self.mnt.as_os_str()]);
+            if !out.status.success() {
+                let _ = Command::new("fusermount3")
+                    .arg("-u")
+                    .arg("-z")
+                    .arg(&self.mnt)
+                    .status();
+            }
+        }
+    }
+}
+
+pub fn is_mounted(path: &Path) -> bool {
+    let Ok(canon) = std::fs::canonicalize(path) else {
+        return false;
+    };
+    std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(1) == Some(canon.to_str().unwrap_or("")))
+}
