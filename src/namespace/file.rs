@@ -166,14 +166,35 @@ enum CommitMode {
     HoldTail,
 }
 
+/// A stretch of the file re-chunked in one pass: its bytes and where the cuts fall.
+struct Region {
+    start: u64,
+    bytes: Vec<u8>,
+    /// End of each new chunk, as an index into `bytes`.
+    cuts: Vec<usize>,
+}
+
 #[derive(Default)]
 struct CutPlan {
-    /// New chunks: offset and bytes.
-    new: Vec<(u64, Vec<u8>)>,
+    regions: Vec<Region>,
     /// Offsets of old extents the new chunks replace.
     removed: Vec<u64>,
     /// A tail at EOF left pending: offset and bytes.
     held: Option<(u64, Vec<u8>)>,
+}
+
+impl CutPlan {
+    /// New chunks: file offset and bytes.
+    fn chunks(&self) -> impl Iterator<Item = (u64, &[u8])> + '_ {
+        self.regions.iter().flat_map(|r| {
+            let mut from = 0;
+            r.cuts.iter().map(move |&to| {
+                let chunk = (r.start + from as u64, &r.bytes[from..to]);
+                from = to;
+                chunk
+            })
+        })
+    }
 }
 
 /// Where the bytes of a file range come from.
@@ -457,8 +478,23 @@ impl Namespace {
     /// Bytes of `[pos, pos+len)` from pending writes over committed chunks. With
     /// [`Holes::Stop`] the result ends at the first byte that neither covers.
     fn fill(&self, ino: InodeNo, st: &FileState, pos: u64, len: u64, holes: Holes) -> FsResult<Vec<u8>> {
+        let mut out = Vec::new();
+        self.fill_into(ino, st, pos, len, holes, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Namespace::fill`] appending to `out`; returns the number of bytes appended.
+    fn fill_into(
+        &self,
+        ino: InodeNo,
+        st: &FileState,
+        pos: u64,
+        len: u64,
+        holes: Holes,
+        out: &mut Vec<u8>,
+    ) -> FsResult<u64> {
         let limit = (pos + len).min(st.size);
-        let mut out = Vec::with_capacity((limit.saturating_sub(pos)) as usize);
+        out.reserve(limit.saturating_sub(pos) as usize);
         let mut p = pos;
         while p < limit {
             if let Some((&s, v)) = st.dirty.range(..=p).next_back() {
@@ -512,7 +548,7 @@ impl Namespace {
                 }
             }
         }
-        Ok(out)
+        Ok(p - pos)
     }
 
     /// Decides the new chunks of a commit.
@@ -536,20 +572,23 @@ impl Namespace {
             let start = st.region_start(d0.max(covered)).max(covered);
             let mut pos = start;
             let mut dirty_end = d1;
-            // Bytes from `pos` on, read ahead up to one maximum chunk.
-            let mut window: Vec<u8> = Vec::new();
+            // The region's bytes, read ahead up to one maximum chunk past the last cut.
+            let mut bytes: Vec<u8> = Vec::new();
+            let mut cuts = Vec::new();
+            let mut at = 0usize;
             let mut exhausted = false;
             loop {
-                if window.len() < max as usize && !exhausted {
-                    let want = max - window.len() as u64;
-                    let more = self.fill(ino, st, pos + window.len() as u64, want, Holes::Stop)?;
-                    exhausted = (more.len() as u64) < want;
-                    window.extend_from_slice(&more);
+                let ahead = (bytes.len() - at) as u64;
+                if ahead < max && !exhausted {
+                    let want = max - ahead;
+                    let got = self.fill_into(ino, st, pos + ahead, want, Holes::Stop, &mut bytes)?;
+                    exhausted = got < want;
                 }
+                let window = &bytes[at..];
                 if window.is_empty() {
                     break;
                 }
-                let cut = params.next_cut(&window);
+                let cut = params.next_cut(window);
                 let window_end = pos + window.len() as u64;
                 if mode == CommitMode::HoldTail
                     && !cut.natural
@@ -561,14 +600,14 @@ impl Namespace {
                         .next_back()
                         .is_some_and(|(s, v)| *s + v.len() as u64 >= st.size)
                 {
-                    plan.held = Some((pos, std::mem::take(&mut window)));
+                    plan.held = Some((pos, window.to_vec()));
+                    bytes.truncate(at);
                     i = intervals.len();
                     break;
                 }
-                let end = pos + cut.len as u64;
-                let rest = window.split_off(cut.len);
-                plan.new.push((pos, std::mem::replace(&mut window, rest)));
-                pos = end;
+                at += cut.len;
+                cuts.push(at);
+                pos += cut.len as u64;
                 while i < intervals.len() && intervals[i].0 < pos {
                     dirty_end = dirty_end.max(intervals[i].1);
                     i += 1;
@@ -580,6 +619,8 @@ impl Namespace {
                     break;
                 }
             }
+            bytes.truncate(at);
+            plan.regions.push(Region { start, bytes, cuts });
             plan.removed
                 .extend(st.extents.range(start..pos).map(|(s, _)| *s));
             covered = pos;
@@ -604,7 +645,8 @@ impl Namespace {
         }
         let plan = self.cut(ino, st, mode)?;
         let compression = self.store.config.compression;
-        let slices: Vec<&[u8]> = plan.new.iter().map(|(_, d)| d.as_slice()).collect();
+        let chunks: Vec<(u64, &[u8])> = plan.chunks().collect();
+        let slices: Vec<&[u8]> = chunks.iter().map(|(_, d)| *d).collect();
         let prepared = chunking::prepare(&slices, compression, |id| {
             self.chunks.refcount(id).map(|n| n > 0).unwrap_or(false)
         });
@@ -626,7 +668,7 @@ impl Namespace {
         }
         let live = self.live_epoch(st.container);
         let mut new_extents = Vec::with_capacity(prepared.len());
-        for ((off, _), p) in plan.new.iter().zip(prepared) {
+        for ((off, _), p) in chunks.iter().zip(prepared) {
             txn.batch.put(
                 &self.kv,
                 Cf::Extent,
@@ -665,7 +707,7 @@ impl Namespace {
         self.put_inode(&mut txn, ino, &rec);
         txn.count(st.container, |d| d.logical_bytes += logical);
         let encode_missing = |id: &ChunkId| {
-            plan.new
+            chunks
                 .iter()
                 .find(|(_, d)| ChunkId::of(d) == *id)
                 .map(|(_, d)| chunking::encode(d, compression))
