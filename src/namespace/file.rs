@@ -15,6 +15,7 @@ use parking_lot::Mutex;
 
 use super::ops::FILE_SIZE_MAX;
 use super::{Attr, Caller, FsError, FsResult, Namespace, Txn};
+use crate::chunk_store::ChunkError;
 use crate::chunking;
 use crate::format::{key, ExtentRecord, InodeRecord, Kind};
 use crate::ids::{ChunkId, ContainerId, Epoch, InodeNo};
@@ -142,6 +143,58 @@ impl FileState {
             .unwrap_or(0)
     }
 
+    /// The pieces `[pos, pos+len)` (clamped to the size) is made of, in order. With
+    /// [`Holes::Stop`] the walk ends at the first byte neither a chunk nor a pending write
+    /// covers.
+    fn spans(&self, pos: u64, len: u64, holes: Holes) -> Vec<Span<'_>> {
+        let limit = (pos + len).min(self.size);
+        let mut out = Vec::new();
+        let mut p = pos;
+        while p < limit {
+            if let Some((&s, v)) = self.dirty.range(..=p).next_back() {
+                let v_end = s + v.len() as u64;
+                if v_end > p {
+                    let stop = v_end.min(limit);
+                    out.push(Span::Pending(&v[(p - s) as usize..(stop - s) as usize]));
+                    p = stop;
+                    continue;
+                }
+            }
+            let next_dirty = self
+                .dirty
+                .range(p + 1..)
+                .next()
+                .map(|(s, _)| *s)
+                .unwrap_or(u64::MAX);
+            if let Some((&s, e)) = self.extents.range(..=p).next_back() {
+                if e.end(s) > p {
+                    let stop = e.end(s).min(limit).min(next_dirty);
+                    out.push(Span::Chunk {
+                        offset: s,
+                        extent: *e,
+                        from: (p - s) as usize,
+                        to: (stop - s) as usize,
+                    });
+                    p = stop;
+                    continue;
+                }
+            }
+            if matches!(holes, Holes::Stop) {
+                break;
+            }
+            let next_extent = self
+                .extents
+                .range(p + 1..)
+                .next()
+                .map(|(s, _)| *s)
+                .unwrap_or(u64::MAX);
+            let stop = next_dirty.min(next_extent).min(limit);
+            out.push(Span::Hole((stop - p) as usize));
+            p = stop;
+        }
+        out
+    }
+
     /// Where re-chunking for dirty bytes starting at `d0` must begin.
     fn region_start(&self, d0: u64) -> u64 {
         if self.resume_at == Some(d0) {
@@ -197,7 +250,19 @@ impl CutPlan {
     }
 }
 
-/// Where the bytes of a file range come from.
+/// A piece of a file range: pending bytes, part of a chunk, or a hole.
+enum Span<'a> {
+    Pending(&'a [u8]),
+    Chunk {
+        offset: u64,
+        extent: Extent,
+        from: usize,
+        to: usize,
+    },
+    Hole(usize),
+}
+
+/// What a walk over a file range does at a hole.
 enum Holes {
     /// Reading: holes read as zeros.
     Zero,
@@ -326,7 +391,11 @@ impl Namespace {
     }
 
     /// Runs `f` on the open state of `ino`, opening it for the duration if needed.
-    fn with_file<T>(&self, ino: InodeNo, f: impl FnOnce(&Arc<OpenFile>) -> FsResult<T>) -> FsResult<T> {
+    fn with_file<T>(
+        &self,
+        ino: InodeNo,
+        f: impl FnOnce(&Arc<OpenFile>) -> FsResult<T>,
+    ) -> FsResult<T> {
         let file = self.open(ino)?;
         let result = f(&file);
         let released = self.release(ino);
@@ -335,7 +404,13 @@ impl Namespace {
         Ok(value)
     }
 
-    pub fn create_file(&self, parent: InodeNo, name: &[u8], perm: u16, caller: Caller) -> FsResult<Attr> {
+    pub fn create_file(
+        &self,
+        parent: InodeNo,
+        name: &[u8],
+        perm: u16,
+        caller: Caller,
+    ) -> FsResult<Attr> {
         self.make_node(parent, name, Kind::File, perm, 0, b"", caller)
     }
 
@@ -365,16 +440,60 @@ impl Namespace {
 
     pub fn read(&self, ino: InodeNo, offset: u64, size: u32) -> FsResult<Vec<u8>> {
         self.with_file(ino, |file| {
-            let st = file.state.lock();
-            if offset >= st.size {
-                return Ok(Vec::new());
+            // Plan under the lock, copying pending bytes; fetch chunks after it, so that
+            // parallel reads of one file (kernel read-ahead) decompress in parallel.
+            enum Piece {
+                Bytes(Vec<u8>),
+                Chunk(u64, Extent, usize, usize),
+                Hole(usize),
             }
-            let len = (size as u64).min(st.size - offset);
-            let data = self.fill(ino, &st, offset, len, Holes::Zero)?;
+            let pieces: Vec<Piece> = {
+                let st = file.state.lock();
+                if offset >= st.size {
+                    return Ok(Vec::new());
+                }
+                st.spans(offset, size as u64, Holes::Zero)
+                    .into_iter()
+                    .map(|span| match span {
+                        Span::Pending(b) => Piece::Bytes(b.to_vec()),
+                        Span::Chunk {
+                            offset,
+                            extent,
+                            from,
+                            to,
+                        } => Piece::Chunk(offset, extent, from, to),
+                        Span::Hole(n) => Piece::Hole(n),
+                    })
+                    .collect()
+            };
+            let mut out = Vec::with_capacity(size as usize);
+            for piece in pieces {
+                match piece {
+                    Piece::Bytes(b) => out.extend_from_slice(&b),
+                    Piece::Hole(n) => out.resize(out.len() + n, 0),
+                    Piece::Chunk(at, extent, from, to) => match self.chunks.read(&extent.chunk) {
+                        Ok(data) if data.len() == extent.len as usize => {
+                            out.extend_from_slice(&data[from..to])
+                        }
+                        // A commit since the plan replaced and reclaimed the chunk: read
+                        // again under the lock.
+                        Err(ChunkError::Missing(_)) => {
+                            let st = file.state.lock();
+                            out = self.fill(ino, &st, offset, size as u64, Holes::Zero)?;
+                            break;
+                        }
+                        // Corrupt or unreadable: read again to log it with the file's name.
+                        _ => {
+                            let data = self.read_extent(ino, at, &extent)?;
+                            out.extend_from_slice(&data[from..to]);
+                        }
+                    },
+                }
+            }
             self.io
                 .bytes_read
-                .fetch_add(data.len() as u64, Ordering::Relaxed);
-            Ok(data)
+                .fetch_add(out.len() as u64, Ordering::Relaxed);
+            Ok(out)
         })
     }
 
@@ -477,7 +596,14 @@ impl Namespace {
 
     /// Bytes of `[pos, pos+len)` from pending writes over committed chunks. With
     /// [`Holes::Stop`] the result ends at the first byte that neither covers.
-    fn fill(&self, ino: InodeNo, st: &FileState, pos: u64, len: u64, holes: Holes) -> FsResult<Vec<u8>> {
+    fn fill(
+        &self,
+        ino: InodeNo,
+        st: &FileState,
+        pos: u64,
+        len: u64,
+        holes: Holes,
+    ) -> FsResult<Vec<u8>> {
         let mut out = Vec::new();
         self.fill_into(ino, st, pos, len, holes, &mut out)?;
         Ok(out)
@@ -495,60 +621,46 @@ impl Namespace {
     ) -> FsResult<u64> {
         let limit = (pos + len).min(st.size);
         out.reserve(limit.saturating_sub(pos) as usize);
-        let mut p = pos;
-        while p < limit {
-            if let Some((&s, v)) = st.dirty.range(..=p).next_back() {
-                let v_end = s + v.len() as u64;
-                if v_end > p {
-                    let stop = v_end.min(limit);
-                    out.extend_from_slice(&v[(p - s) as usize..(stop - s) as usize]);
-                    p = stop;
-                    continue;
+        let start = out.len();
+        for span in st.spans(pos, len, holes) {
+            match span {
+                Span::Pending(bytes) => out.extend_from_slice(bytes),
+                Span::Chunk {
+                    offset,
+                    extent,
+                    from,
+                    to,
+                } => {
+                    let data = self.read_extent(ino, offset, &extent)?;
+                    out.extend_from_slice(&data[from..to]);
                 }
-            }
-            let next_dirty = st
-                .dirty
-                .range(p + 1..)
-                .next()
-                .map(|(s, _)| *s)
-                .unwrap_or(u64::MAX);
-            if let Some((&s, e)) = st.extents.range(..=p).next_back() {
-                if e.end(s) > p {
-                    let stop = e.end(s).min(limit).min(next_dirty);
-                    let data = self.chunks.read(&e.chunk).map_err(|err| {
-                        tracing::error!(
-                            "{} at offset {s}: chunk {}: {err}",
-                            self.describe(ino),
-                            e.chunk.to_hex()
-                        );
-                        FsError::from(err)
-                    })?;
-                    if data.len() != e.len as usize {
-                        tracing::error!("{ino} at offset {s}: chunk {} has {} bytes, extent says {}", e.chunk.to_hex(), data.len(), e.len);
-                        return Err(FsError::Io);
-                    }
-                    out.extend_from_slice(&data[(p - s) as usize..(stop - s) as usize]);
-                    p = stop;
-                    continue;
-                }
-            }
-            // A hole up to the next extent or pending range.
-            let next_extent = st
-                .extents
-                .range(p + 1..)
-                .next()
-                .map(|(s, _)| *s)
-                .unwrap_or(u64::MAX);
-            match holes {
-                Holes::Stop => break,
-                Holes::Zero => {
-                    let stop = next_dirty.min(next_extent).min(limit);
-                    out.resize(out.len() + (stop - p) as usize, 0);
-                    p = stop;
-                }
+                Span::Hole(n) => out.resize(out.len() + n, 0),
             }
         }
-        Ok(p - pos)
+        Ok((out.len() - start) as u64)
+    }
+
+    /// The bytes of the chunk of `extent`, which starts at `offset` of file `ino`.
+    fn read_extent(&self, ino: InodeNo, offset: u64, extent: &Extent) -> FsResult<Arc<Vec<u8>>> {
+        let data = self.chunks.read(&extent.chunk).map_err(|err| {
+            tracing::error!(
+                "{} at offset {offset}: chunk {}: {err}",
+                self.describe(ino),
+                extent.chunk.to_hex()
+            );
+            FsError::from(err)
+        })?;
+        if data.len() != extent.len as usize {
+            tracing::error!(
+                "{} at offset {offset}: chunk {} has {} bytes, the extent says {}",
+                self.describe(ino),
+                extent.chunk.to_hex(),
+                data.len(),
+                extent.len
+            );
+            return Err(FsError::Io);
+        }
+        Ok(data)
     }
 
     /// Decides the new chunks of a commit.
@@ -581,7 +693,8 @@ impl Namespace {
                 let ahead = (bytes.len() - at) as u64;
                 if ahead < max && !exhausted {
                     let want = max - ahead;
-                    let got = self.fill_into(ino, st, pos + ahead, want, Holes::Stop, &mut bytes)?;
+                    let got =
+                        self.fill_into(ino, st, pos + ahead, want, Holes::Stop, &mut bytes)?;
                     exhausted = got < want;
                 }
                 let window = &bytes[at..];
