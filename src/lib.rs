@@ -11,11 +11,13 @@
 
 pub mod chunk_store;
 pub mod chunking;
+pub mod control;
+pub mod daemon;
 pub mod format;
+pub mod fsck;
+pub mod fuse;
 pub mod ids;
 pub mod kv;
 pub mod namespace;
+pub mod stats;
 pub mod store;
-pub mod control;
-pub mod daemon;
-pub mod fuse;
