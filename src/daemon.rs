@@ -153,10 +153,8 @@ fn start(cfg: &MountConfig, ready: &mut Ready) -> Result<()> {
     let mut store = Store::open(&cfg.store)?;
     store.set_holder(&format!("mounted at {}", mountpoint.display()));
     let store_path = store.path.clone();
-    let ns = Arc::new(
-        Namespace::new(store, cfg.cache_bytes)
-            .map_err(|e| anyhow!("{}: cannot open namespace: {e}", cfg.store.display()))?,
-    );
+    let ns = Namespace::new(store, cfg.cache_bytes)
+        .map_err(|e| anyhow!("{}: cannot open namespace: {e}", cfg.store.display()))?;
     let mut session = fuser::Session::new(DedupFs::new(ns.clone()), &mountpoint, &fuse_config)
         .with_context(|| format!("mounting on {}", mountpoint.display()))?;
     let control = ControlServer::start(ns.clone(), &store_path)
@@ -286,8 +284,8 @@ pub fn spawn_background(cfg: &MountConfig, log: &Path) -> Result<()> {
 
 /// Unmounts `mountpoint` and waits until the daemon has flushed and released its store.
 pub fn unmount(mountpoint: &Path) -> Result<()> {
-    let path = std::fs::canonicalize(mountpoint)
-        .map_err(|e| anyhow!("{}: {e}", mountpoint.display()))?;
+    let path =
+        std::fs::canonicalize(mountpoint).map_err(|e| anyhow!("{}: {e}", mountpoint.display()))?;
     let source = mounts()
         .into_iter()
         .find(|(_, target)| *target == path)

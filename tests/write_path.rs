@@ -5,12 +5,22 @@ use dedupfs::namespace::{Caller, Namespace, SetAttr};
 use dedupfs::store::Store;
 use rand::{Rng, SeedableRng};
 
-fn open(path: &std::path::Path) -> Namespace {
+fn open(path: &std::path::Path) -> std::sync::Arc<Namespace> {
     Namespace::new(Store::open(path).unwrap(), 8 << 20).unwrap()
 }
 
 #[test]
 fn random_writes_match_model_across_commits_and_reopen() {
+    random_writes(usize::MAX);
+}
+
+#[test]
+fn random_writes_with_background_commits_match_model() {
+    // A tiny bound: most writes start a background commit while the last is in flight.
+    random_writes(20_000);
+}
+
+fn random_writes(dirty_limit: usize) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s");
     Store::init(
@@ -20,8 +30,12 @@ fn random_writes_match_model_across_commits_and_reopen() {
     )
     .unwrap();
     let ns = open(&path);
+    ns.set_dirty_limit(dirty_limit);
     let c = ns.create_container("c", Caller::ROOT, 0o755).unwrap();
-    let f = ns.create_file(c.root, b"f", 0o644, Caller::ROOT).unwrap().ino;
+    let f = ns
+        .create_file(c.root, b"f", 0o644, Caller::ROOT)
+        .unwrap()
+        .ino;
     ns.open(f).unwrap();
     let mut model: Vec<u8> = Vec::new();
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
@@ -62,7 +76,11 @@ fn random_writes_match_model_across_commits_and_reopen() {
                 assert_eq!(got, want, "step {step} read at {off}");
             }
         }
-        assert_eq!(ns.getattr(f).unwrap().rec.size, model.len() as u64, "step {step}");
+        assert_eq!(
+            ns.getattr(f).unwrap().rec.size,
+            model.len() as u64,
+            "step {step}"
+        );
     }
     ns.release(f).unwrap();
     let all = ns.read(f, 0, model.len() as u32 + 10).unwrap();
@@ -80,7 +98,10 @@ fn streaming_write_past_the_dirty_bound_holds_back_the_tail() {
     Store::init(&path, ChunkerParams::default(), Compression::Zstd(1)).unwrap();
     let ns = open(&path);
     let c = ns.create_container("c", Caller::ROOT, 0o755).unwrap();
-    let f = ns.create_file(c.root, b"f", 0o644, Caller::ROOT).unwrap().ino;
+    let f = ns
+        .create_file(c.root, b"f", 0o644, Caller::ROOT)
+        .unwrap()
+        .ino;
     ns.open(f).unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(9);
     let data: Vec<u8> = (0..(70 << 20)).map(|_| rng.gen()).collect();

@@ -195,18 +195,25 @@ impl Namespace {
     /// Deletes a container and everything in it. A non-empty container needs `force`;
     /// a container with open files is busy.
     pub fn delete_container(&self, name: &str, force: bool) -> FsResult<()> {
+        // Under the commit lock, so that nothing is created or opened in the container
+        // between the checks and the batch.
+        let mut st = self.commit.lock();
         let rec = self.container_by_name(name).ok_or(FsError::NotFound)?;
         if !force && !self.readdir(rec.root)?.is_empty() {
             return Err(FsError::NotEmpty);
         }
         let inodes = self.container_inodes(rec.root)?;
-        {
-            let open = self.open_files.lock();
-            if inodes.iter().any(|ino| open.contains_key(ino)) {
+        // Open files include orphans (unlinked while open), which no entry reaches: their
+        // release would purge them after the container and its counters are gone.
+        let open: Vec<InodeNo> = self.open_files.lock().keys().copied().collect();
+        for ino in open {
+            if self
+                .read_inode(ino)?
+                .is_some_and(|(r, _)| r.container == rec.id)
+            {
                 return Err(FsError::Busy);
             }
         }
-        let mut st = self.commit.lock();
         let mut txn = Txn::new(Sync::Process);
         for ino in &inodes {
             self.stage_purge(&mut txn, *ino)?;

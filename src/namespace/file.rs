@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use super::ops::FILE_SIZE_MAX;
 use super::{Attr, Caller, FsError, FsResult, Namespace, Txn};
@@ -44,6 +44,8 @@ impl Extent {
 pub struct OpenFile {
     pub ino: InodeNo,
     state: Mutex<FileState>,
+    /// Signalled when a commit of this file finishes.
+    idle: Condvar,
 }
 
 struct FileState {
@@ -58,6 +60,13 @@ struct FileState {
     /// Pending bytes: disjoint, non-adjacent ranges.
     dirty: BTreeMap<u64, Vec<u8>>,
     dirty_bytes: usize,
+    /// Pending bytes a commit in flight is storing; `dirty` overlays them.
+    sealed: BTreeMap<u64, Vec<u8>>,
+    sealed_bytes: usize,
+    /// A commit is between sealing and completing. Commits of one file never overlap.
+    in_flight: bool,
+    /// Failure of a background commit, reported by the next write, flush or fsync.
+    error: Option<FsError>,
     /// Extents a truncate dropped, to release at the next commit.
     released: Vec<(u64, Extent)>,
     /// mtime and ctime to record at the next commit.
@@ -147,28 +156,45 @@ impl FileState {
     /// [`Holes::Stop`] the walk ends at the first byte neither a chunk nor a pending write
     /// covers.
     fn spans(&self, pos: u64, len: u64, holes: Holes) -> Vec<Span<'_>> {
+        /// The range of `layer` holding `p`, or where the next range starts.
+        fn covering(layer: &BTreeMap<u64, Vec<u8>>, p: u64) -> Result<(u64, &[u8]), u64> {
+            if let Some((&s, v)) = layer.range(..=p).next_back() {
+                if s + v.len() as u64 > p {
+                    return Ok((s, v));
+                }
+            }
+            Err(layer
+                .range(p + 1..)
+                .next()
+                .map(|(s, _)| *s)
+                .unwrap_or(u64::MAX))
+        }
         let limit = (pos + len).min(self.size);
         let mut out = Vec::new();
         let mut p = pos;
         while p < limit {
-            if let Some((&s, v)) = self.dirty.range(..=p).next_back() {
-                let v_end = s + v.len() as u64;
-                if v_end > p {
-                    let stop = v_end.min(limit);
+            // Newest first: pending writes, then those a commit in flight is storing.
+            let next_dirty = match covering(&self.dirty, p) {
+                Ok((s, v)) => {
+                    let stop = (s + v.len() as u64).min(limit);
                     out.push(Span::Pending(&v[(p - s) as usize..(stop - s) as usize]));
                     p = stop;
                     continue;
                 }
-            }
-            let next_dirty = self
-                .dirty
-                .range(p + 1..)
-                .next()
-                .map(|(s, _)| *s)
-                .unwrap_or(u64::MAX);
+                Err(next) => next,
+            };
+            let next_sealed = match covering(&self.sealed, p) {
+                Ok((s, v)) => {
+                    let stop = (s + v.len() as u64).min(limit).min(next_dirty);
+                    out.push(Span::Pending(&v[(p - s) as usize..(stop - s) as usize]));
+                    p = stop;
+                    continue;
+                }
+                Err(next) => next.min(next_dirty),
+            };
             if let Some((&s, e)) = self.extents.range(..=p).next_back() {
                 if e.end(s) > p {
-                    let stop = e.end(s).min(limit).min(next_dirty);
+                    let stop = e.end(s).min(limit).min(next_sealed);
                     out.push(Span::Chunk {
                         offset: s,
                         extent: *e,
@@ -188,11 +214,20 @@ impl FileState {
                 .next()
                 .map(|(s, _)| *s)
                 .unwrap_or(u64::MAX);
-            let stop = next_dirty.min(next_extent).min(limit);
+            let stop = next_sealed.min(next_extent).min(limit);
             out.push(Span::Hole((stop - p) as usize));
             p = stop;
         }
         out
+    }
+
+    /// Puts `bytes` back under the current pending writes (newer writes win).
+    fn restore_under(&mut self, older: BTreeMap<u64, Vec<u8>>) {
+        let newer = std::mem::replace(&mut self.dirty, older);
+        self.dirty_bytes = self.dirty.values().map(Vec::len).sum();
+        for (offset, bytes) in newer {
+            self.insert_dirty(offset, &bytes);
+        }
     }
 
     /// Where re-chunking for dirty bytes starting at `d0` must begin.
@@ -250,6 +285,17 @@ impl CutPlan {
     }
 }
 
+/// A commit between [`Namespace::seal`] and [`Namespace::complete`].
+struct Sealed {
+    plan: CutPlan,
+    /// Extents a truncate dropped.
+    released: Vec<(u64, Extent)>,
+    /// Size to record: the file's size, or where a held-back tail starts.
+    size: u64,
+    /// mtime and ctime to record.
+    times: Option<i64>,
+}
+
 /// A piece of a file range: pending bytes, part of a chunk, or a hole.
 enum Span<'a> {
     Pending(&'a [u8]),
@@ -274,7 +320,7 @@ impl OpenFile {
     pub(crate) fn patch_attr(&self, rec: &mut InodeRecord) {
         let st = self.state.lock();
         rec.size = st.size;
-        rec.data_bytes = st.data_bytes + st.dirty_bytes as u64;
+        rec.data_bytes = st.data_bytes + (st.dirty_bytes + st.sealed_bytes) as u64;
         if let Some(t) = st.times_dirty {
             rec.mtime = t;
             rec.ctime = t;
@@ -325,11 +371,16 @@ impl Namespace {
                 extents,
                 dirty: BTreeMap::new(),
                 dirty_bytes: 0,
+                sealed: BTreeMap::new(),
+                sealed_bytes: 0,
+                in_flight: false,
+                error: None,
                 released: Vec::new(),
                 times_dirty: None,
                 resume_at: None,
                 dirty_since: None,
             }),
+            idle: Condvar::new(),
         })
     }
 
@@ -424,6 +475,9 @@ impl Namespace {
         }
         self.with_file(ino, |file| {
             let mut st = file.state.lock();
+            if let Some(e) = st.error.take() {
+                return Err(e);
+            }
             st.insert_dirty(offset, data);
             st.size = st.size.max(end);
             st.times_dirty = Some(now_ns());
@@ -431,8 +485,8 @@ impl Namespace {
             self.io
                 .bytes_written
                 .fetch_add(data.len() as u64, Ordering::Relaxed);
-            if st.dirty_bytes >= DIRTY_LIMIT {
-                self.commit_state(ino, &mut st, CommitMode::HoldTail, Sync::Process, None)?;
+            if st.dirty_bytes >= self.dirty_limit.load(Ordering::Relaxed) {
+                self.commit_in_background(file, st)?;
             }
             Ok(data.len() as u32)
         })
@@ -517,8 +571,8 @@ impl Namespace {
     }
 
     pub(crate) fn commit_open_file(&self, file: &OpenFile, sync: Sync) -> FsResult<()> {
-        let mut st = file.state.lock();
-        self.commit_state(file.ino, &mut st, CommitMode::All, sync, None)
+        let st = file.state.lock();
+        self.commit(file, st, CommitMode::All, sync, None)
     }
 
     /// Commits files whose writes have waited longer than `age` (the idle timer).
@@ -530,9 +584,9 @@ impl Namespace {
             .map(|e| e.0.clone())
             .collect();
         for file in files {
-            let mut st = file.state.lock();
-            if st.dirty_since.is_some_and(|t| t.elapsed() >= age) {
-                self.commit_state(file.ino, &mut st, CommitMode::All, Sync::Process, None)?;
+            let st = file.state.lock();
+            if st.dirty_since.is_some_and(|t| t.elapsed() >= age) && !st.in_flight {
+                self.commit(&file, st, CommitMode::All, Sync::Process, None)?;
             }
         }
         Ok(())
@@ -549,6 +603,7 @@ impl Namespace {
     ) -> FsResult<Attr> {
         self.with_file(ino, |file| {
             let mut st = file.state.lock();
+            Self::wait_idle(file, &mut st);
             if size < st.size {
                 st.trim_dirty(size);
                 if st.resume_at.is_some_and(|r| r >= size) {
@@ -581,15 +636,13 @@ impl Namespace {
                 st.times_dirty = Some(now);
             }
             let patch_ref = &patch;
-            self.commit_state(
-                ino,
-                &mut st,
+            self.commit(
+                file,
+                st,
                 CommitMode::All,
                 Sync::Process,
                 Some(&|rec: &mut InodeRecord| patch_ref(rec, now)),
-            )?;
-            drop(st);
-            Ok(())
+            )
         })?;
         self.getattr(ino)
     }
@@ -741,41 +794,182 @@ impl Namespace {
         Ok(plan)
     }
 
-    /// Commits the pending state of a file in one batch.
-    fn commit_state(
+    /// Waits until no commit of `file` is in flight.
+    fn wait_idle(file: &OpenFile, st: &mut MutexGuard<'_, FileState>) {
+        while st.in_flight {
+            file.idle.wait(st);
+        }
+    }
+
+    /// Commits the pending state of a file in one batch, waiting for a commit in flight
+    /// first. The file lock is released while chunks are hashed and compressed, so reads and
+    /// writes of the file go on meanwhile.
+    fn commit(
         &self,
-        ino: InodeNo,
-        st: &mut FileState,
+        file: &OpenFile,
+        mut st: MutexGuard<'_, FileState>,
         mode: CommitMode,
         sync: Sync,
         patch: Option<&dyn Fn(&mut InodeRecord) -> FsResult<()>>,
     ) -> FsResult<()> {
+        Self::wait_idle(file, &mut st);
+        if let Some(e) = st.error.take() {
+            return Err(e);
+        }
         if !st.has_pending() && patch.is_none() {
+            drop(st);
             if sync == Sync::Disk {
                 self.kv.sync_wal()?;
             }
             return Ok(());
         }
+        let sealed = self.seal(file.ino, &mut st, mode)?;
+        drop(st);
+        self.complete(file, sealed, sync, patch)
+    }
+
+    /// Starts a commit of a file past the dirty bound on another thread and returns; waits
+    /// first if a commit of the file is still in flight (so at most two bounds of pending
+    /// data per file).
+    fn commit_in_background(
+        &self,
+        file: &Arc<OpenFile>,
+        mut st: MutexGuard<'_, FileState>,
+    ) -> FsResult<()> {
+        Self::wait_idle(file, &mut st);
+        if let Some(e) = st.error.take() {
+            return Err(e);
+        }
+        if st.dirty_bytes < self.dirty_limit.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let sealed = self.seal(file.ino, &mut st, CommitMode::HoldTail)?;
+        drop(st);
+        let Some(ns) = self.me.get().and_then(|w| w.upgrade()) else {
+            return self.complete(file, sealed, Sync::Process, None);
+        };
+        // Shared so that, should no thread start, this thread can complete the commit.
+        let job = Arc::new(Mutex::new(Some(sealed)));
+        let job_file = file.clone();
+        let job_sealed = job.clone();
+        let jobs = self.jobs.clone();
+        *jobs.0.lock() += 1;
+        let spawned = std::thread::Builder::new()
+            .name("commit".into())
+            .spawn(move || {
+                if let Some(sealed) = job_sealed.lock().take() {
+                    if let Err(e) = ns.complete(&job_file, sealed, Sync::Process, None) {
+                        tracing::error!("{}: background commit failed: {e}", job_file.ino);
+                        job_file.state.lock().error = Some(e);
+                    }
+                }
+                drop(ns);
+                *jobs.0.lock() -= 1;
+                jobs.1.notify_all();
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("cannot start a commit thread ({e}); committing inline");
+            *self.jobs.0.lock() -= 1;
+            if let Some(sealed) = job.lock().take() {
+                return self.complete(file, sealed, Sync::Process, None);
+            }
+        }
+        Ok(())
+    }
+
+    /// Cuts the pending bytes into chunks and moves them aside for [`Namespace::complete`];
+    /// the file is then "in flight" until it completes.
+    fn seal(&self, ino: InodeNo, st: &mut FileState, mode: CommitMode) -> FsResult<Sealed> {
         let plan = self.cut(ino, st, mode)?;
+        let size = plan.held.as_ref().map(|(s, _)| *s).unwrap_or(st.size);
+        st.sealed = std::mem::take(&mut st.dirty);
+        st.sealed_bytes = std::mem::replace(&mut st.dirty_bytes, 0);
+        st.in_flight = true;
+        st.dirty_since = None;
+        Ok(Sealed {
+            plan,
+            released: std::mem::take(&mut st.released),
+            size,
+            times: st.times_dirty.take(),
+        })
+    }
+
+    /// Hashes and compresses a sealed commit's chunks without the file lock, then commits
+    /// the batch and updates the file's state under it.
+    fn complete(
+        &self,
+        file: &OpenFile,
+        sealed: Sealed,
+        sync: Sync,
+        patch: Option<&dyn Fn(&mut InodeRecord) -> FsResult<()>>,
+    ) -> FsResult<()> {
         let compression = self.store.config.compression;
-        let chunks: Vec<(u64, &[u8])> = plan.chunks().collect();
+        let chunks: Vec<(u64, &[u8])> = sealed.plan.chunks().collect();
         let slices: Vec<&[u8]> = chunks.iter().map(|(_, d)| *d).collect();
         let prepared = chunking::prepare(&slices, compression, |id| {
             self.chunks.refcount(id).map(|n| n > 0).unwrap_or(false)
         });
 
+        let mut st = file.state.lock();
+        let result = self.commit_sealed(file.ino, &st, &sealed, &chunks, prepared, sync, patch);
+        let sealed_bytes = std::mem::take(&mut st.sealed);
+        st.sealed_bytes = 0;
+        let outcome = match result {
+            Ok((new_extents, data_bytes)) => {
+                for off in &sealed.plan.removed {
+                    st.extents.remove(off);
+                }
+                st.extents.extend(new_extents);
+                st.data_bytes = data_bytes;
+                st.disk_size = sealed.size;
+                st.resume_at = None;
+                if let Some((s, bytes)) = sealed.plan.held {
+                    st.resume_at = Some(s);
+                    st.restore_under(BTreeMap::from([(s, bytes)]));
+                }
+                if !st.dirty.is_empty() {
+                    st.dirty_since.get_or_insert_with(Instant::now);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                st.restore_under(sealed_bytes);
+                st.released.extend(sealed.released);
+                if st.times_dirty.is_none() {
+                    st.times_dirty = sealed.times;
+                }
+                st.dirty_since.get_or_insert_with(Instant::now);
+                Err(e)
+            }
+        };
+        st.in_flight = false;
+        file.idle.notify_all();
+        outcome
+    }
+
+    /// Builds and applies the batch of a sealed commit. Returns the new extents and the
+    /// file's new data byte count.
+    #[allow(clippy::too_many_arguments)]
+    fn commit_sealed(
+        &self,
+        ino: InodeNo,
+        st: &FileState,
+        sealed: &Sealed,
+        chunks: &[(u64, &[u8])],
+        prepared: Vec<chunking::PreparedChunk>,
+        sync: Sync,
+        patch: Option<&dyn Fn(&mut InodeRecord) -> FsResult<()>>,
+    ) -> FsResult<(Vec<(u64, Extent)>, u64)> {
         let mut txn = Txn::new(sync);
         let mut logical: i64 = 0;
-        for off in &plan.removed {
-            let e = st.extents[off];
+        let removed = sealed
+            .plan
+            .removed
+            .iter()
+            .filter_map(|off| st.extents.get(off).map(|e| (*off, *e)));
+        for (off, e) in removed.chain(sealed.released.iter().copied()) {
             txn.batch
-                .delete(&self.kv, Cf::Extent, &key::extent(ino, *off, e.birth));
-            txn.release(e.chunk);
-            logical -= e.len as i64;
-        }
-        for (off, e) in &st.released {
-            txn.batch
-                .delete(&self.kv, Cf::Extent, &key::extent(ino, *off, e.birth));
+                .delete(&self.kv, Cf::Extent, &key::extent(ino, off, e.birth));
             txn.release(e.chunk);
             logical -= e.len as i64;
         }
@@ -803,14 +997,13 @@ impl Namespace {
             ));
             txn.reference(p.id, p.encoded);
         }
-        let disk_size = plan.held.as_ref().map(|(s, _)| *s).unwrap_or(st.size);
         let data_bytes = (st.data_bytes as i64 + logical).max(0) as u64;
 
         let mut commit = self.commit.lock();
         let (mut rec, _) = self.read_inode(ino)?.ok_or(FsError::NotFound)?;
-        rec.size = disk_size;
+        rec.size = sealed.size;
         rec.data_bytes = data_bytes;
-        if let Some(t) = st.times_dirty {
+        if let Some(t) = sealed.times {
             rec.mtime = t;
             rec.ctime = t;
         }
@@ -819,6 +1012,7 @@ impl Namespace {
         }
         self.put_inode(&mut txn, ino, &rec);
         txn.count(st.container, |d| d.logical_bytes += logical);
+        let compression = self.store.config.compression;
         let encode_missing = |id: &ChunkId| {
             chunks
                 .iter()
@@ -826,28 +1020,6 @@ impl Namespace {
                 .map(|(_, d)| chunking::encode(d, compression))
         };
         self.apply(&mut commit, txn, &encode_missing)?;
-        drop(commit);
-
-        for off in &plan.removed {
-            st.extents.remove(off);
-        }
-        st.released.clear();
-        for (off, e) in new_extents {
-            st.extents.insert(off, e);
-        }
-        st.data_bytes = data_bytes;
-        st.disk_size = disk_size;
-        st.times_dirty = None;
-        st.dirty.clear();
-        st.dirty_bytes = 0;
-        st.resume_at = None;
-        st.dirty_since = None;
-        if let Some((s, bytes)) = plan.held {
-            st.resume_at = Some(s);
-            st.dirty_bytes = bytes.len();
-            st.dirty.insert(s, bytes);
-            st.dirty_since = Some(Instant::now());
-        }
-        Ok(())
+        Ok((new_extents, data_bytes))
     }
 }

@@ -194,6 +194,13 @@ pub struct Namespace {
     /// Open files with their handle counts.
     pub(crate) open_files: Mutex<HashMap<InodeNo, (Arc<OpenFile>, u32)>>,
     pub io: IoCounters,
+    /// This namespace, for work handed to other threads (background commits).
+    pub(crate) me: std::sync::OnceLock<std::sync::Weak<Namespace>>,
+    /// Background commit threads still running; [`Namespace::shutdown`] waits for none, so
+    /// that no thread holds the store when it is reopened.
+    pub(crate) jobs: Arc<(Mutex<usize>, parking_lot::Condvar)>,
+    /// Pending bytes of one file that start a background commit.
+    pub(crate) dirty_limit: std::sync::atomic::AtomicUsize,
 }
 
 /// The writes of one operation, committed together by [`Namespace::apply`].
@@ -258,7 +265,7 @@ impl Txn {
 impl Namespace {
     /// Opens the namespace of an open store, creating the root on first use and reclaiming
     /// orphans that a crashed process left behind.
-    pub fn new(store: Store, cache_bytes: u64) -> FsResult<Namespace> {
+    pub fn new(store: Store, cache_bytes: u64) -> FsResult<Arc<Namespace>> {
         let kv = store.kv.clone();
         let counters = match kv.get(Cf::Meta, format::meta::STORE_COUNTERS)? {
             Some(v) => serde_json::from_slice(&v).map_err(|e| {
@@ -287,7 +294,12 @@ impl Namespace {
             containers: RwLock::new(HashMap::new()),
             open_files: Mutex::new(HashMap::new()),
             io: IoCounters::default(),
+            me: std::sync::OnceLock::new(),
+            jobs: Arc::new((Mutex::new(0), parking_lot::Condvar::new())),
+            dirty_limit: std::sync::atomic::AtomicUsize::new(file::DIRTY_LIMIT),
         };
+        let ns = Arc::new(ns);
+        let _ = ns.me.set(Arc::downgrade(&ns));
         ns.io
             .started_ns
             .store(now_ns().max(0) as u64, Ordering::Relaxed);
@@ -295,6 +307,12 @@ impl Namespace {
         ns.ensure_root()?;
         ns.reclaim_orphans()?;
         Ok(ns)
+    }
+
+    /// Sets how many pending bytes of one file start a commit (tests use small values to
+    /// exercise background commits).
+    pub fn set_dirty_limit(&self, bytes: usize) {
+        self.dirty_limit.store(bytes.max(1), Ordering::Relaxed);
     }
 
     pub fn store(&self) -> &Store {
@@ -491,7 +509,9 @@ impl Namespace {
 
     /// The inode's stored record, or ENOENT.
     pub(crate) fn inode(&self, ino: InodeNo) -> FsResult<InodeRecord> {
-        self.read_inode(ino)?.map(|(r, _)| r).ok_or(FsError::NotFound)
+        self.read_inode(ino)?
+            .map(|(r, _)| r)
+            .ok_or(FsError::NotFound)
     }
 
     /// Live epoch of a container: the birth epoch of every version written now.
@@ -533,11 +553,23 @@ impl Namespace {
 
     /// Commits every pending write and flushes the database (clean shutdown).
     pub fn shutdown(&self) -> FsResult<()> {
-        let open: Vec<Arc<OpenFile>> = self.open_files.lock().values().map(|e| e.0.clone()).collect();
+        let open: Vec<Arc<OpenFile>> = self
+            .open_files
+            .lock()
+            .values()
+            .map(|e| e.0.clone())
+            .collect();
         let mut result = Ok(());
         for f in open {
             if let Err(e) = self.commit_open_file(&f, Sync::Process) {
                 result = Err(e);
+            }
+        }
+        {
+            let (count, done) = &*self.jobs;
+            let mut running = count.lock();
+            while *running > 0 {
+                done.wait(&mut running);
             }
         }
         self.kv.sync_wal()?;
