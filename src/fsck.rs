@@ -995,3 +995,302 @@ impl Checker<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::chunking::{ChunkerParams, Compression};
+    use crate::kv::{Batch, Sync};
+    use crate::namespace::{Caller, Namespace};
+    use crate::store::Store;
+
+    struct Damaged {
+        _dir: tempfile::TempDir,
+        ns: Arc<Namespace>,
+        file: InodeNo,
+        dir: InodeNo,
+    }
+
+    /// A container with a directory and a two-chunk file, clean.
+    fn store() -> Damaged {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s");
+        Store::init(
+            &path,
+            ChunkerParams::with_average(4096).expect("params"),
+            Compression::Zstd(1),
+        )
+        .expect("init");
+        let ns = Namespace::new(Store::open(&path).expect("open"), 1 << 20).expect("namespace");
+        let c = ns
+            .create_container("c", Caller::ROOT, 0o755)
+            .expect("container");
+        let d = ns
+            .make_node(c.root, b"d", Kind::Dir, 0o755, 0, b"", Caller::ROOT)
+            .expect("mkdir")
+            .ino;
+        let f = ns
+            .create_file(d, b"f", 0o644, Caller::ROOT)
+            .expect("create")
+            .ino;
+        let data: Vec<u8> = (0..40_000u32).map(|i| (i * 7919 % 251) as u8).collect();
+        ns.write(f, 0, &data).expect("write");
+        let s = Damaged {
+            _dir: dir,
+            ns,
+            file: f,
+            dir: d,
+        };
+        let report = s.fsck();
+        assert!(report.is_clean(), "fresh store is not clean:\n{report}");
+        s
+    }
+
+    impl Damaged {
+        fn kv(&self) -> &Kv {
+            &self.ns.store().kv
+        }
+
+        fn fsck(&self) -> FsckReport {
+            fsck(self.kv(), &self.ns.store().config).expect("fsck runs")
+        }
+
+        fn put(&self, cf: Cf, key: &[u8], value: &[u8]) {
+            let mut b = Batch::new();
+            b.put(self.kv(), cf, key, value);
+            self.kv().write(b, Sync::Process).expect("write");
+        }
+
+        fn delete(&self, cf: Cf, key: &[u8]) {
+            let mut b = Batch::new();
+            b.delete(self.kv(), cf, key);
+            self.kv().write(b, Sync::Process).expect("write");
+        }
+
+        fn first(&self, cf: Cf, prefix: &[u8]) -> (Vec<u8>, Vec<u8>) {
+            let (k, v) = self
+                .kv()
+                .scan_prefix(cf, prefix)
+                .next()
+                .expect("a record")
+                .expect("readable");
+            (k.to_vec(), v.to_vec())
+        }
+
+        fn inode(&self, ino: InodeNo) -> (Vec<u8>, InodeRecord) {
+            let (k, v) = self.first(Cf::Inode, &key::inode_prefix(ino));
+            (k, InodeRecord::decode(&v).expect("record"))
+        }
+
+        /// Asserts that fsck finds exactly problems mentioning each of `wanted`.
+        fn expect(&self, wanted: &[&str]) {
+            let report = self.fsck();
+            for w in wanted {
+                assert!(
+                    report.findings.iter().any(|f| f.to_string().contains(w)),
+                    "no finding mentions {w:?}:\n{report}"
+                );
+            }
+            assert_eq!(report.findings.len(), wanted.len(), "{report}");
+        }
+    }
+
+    #[test]
+    fn wrong_refcount_is_found() {
+        let s = store();
+        let (k, v) = s.first(Cf::Refcount, b"");
+        let id = ChunkId::from_slice(&k).expect("id");
+        let n = format::decode_count(&v).expect("count");
+        s.put(Cf::Refcount, &k, &format::encode_count(n + 2));
+        s.expect(&[&format!(
+            "chunk {id}: refcount {}, referenced by {n} extents",
+            n + 2
+        )]);
+        s.put(Cf::Refcount, &k, &format::encode_count(0));
+        s.expect(&["refcount 0 is stored"]);
+        s.delete(Cf::Refcount, &k);
+        s.expect(&[&format!(
+            "chunk {id}: no refcount, referenced by {n} extents"
+        )]);
+    }
+
+    #[test]
+    fn missing_and_corrupt_chunks_are_found() {
+        let s = store();
+        let (k, v) = s.first(Cf::Chunk, b"");
+        let id = ChunkId::from_slice(&k).expect("id");
+        let mut bad = chunking::decode(&v).expect("decodes");
+        bad[0] ^= 1;
+        s.put(Cf::Chunk, &k, &chunking::encode(&bad, Compression::None));
+        // Stored raw now, so its stored length differs too.
+        s.expect(&[
+            &format!("chunk {id}: BLAKE3"),
+            "store counters: stored_bytes",
+        ]);
+        s.put(Cf::Chunk, &k, &[9, 9]);
+        s.expect(&[
+            "does not decode",
+            "store counters: stored_bytes",
+            "store counters: unique_bytes",
+        ]);
+        s.delete(Cf::Chunk, &k);
+        s.expect(&[
+            &format!("chunk {id} missing"),
+            "missing from the chunk family",
+            "store counters: stored_bytes",
+            "store counters: unique_bytes",
+            "store counters: chunks",
+        ]);
+    }
+
+    #[test]
+    fn unreferenced_chunk_is_found() {
+        let s = store();
+        let raw = b"nobody points here";
+        let id = ChunkId::of(raw);
+        s.put(Cf::Chunk, &id.0, &chunking::encode(raw, Compression::None));
+        s.put(Cf::Refcount, &id.0, &format::encode_count(1));
+        s.expect(&[
+            &format!("chunk {id}: refcount 1 but no extent references it"),
+            "stored_bytes",
+            "unique_bytes",
+            "chunks",
+        ]);
+    }
+
+    #[test]
+    fn link_count_and_orphan_mistakes_are_found() {
+        let s = store();
+        let (k, mut rec) = s.inode(s.file);
+        rec.nlink = 2;
+        s.put(Cf::Inode, &k, &rec.encode());
+        s.expect(&[&format!(
+            "inode {}: nlink 2 but 1 directory entries",
+            s.file.0
+        )]);
+        // The entry goes but the inode stays, not on the orphan list.
+        rec.nlink = 1;
+        s.put(Cf::Inode, &k, &rec.encode());
+        let (dk, _) = s.first(Cf::Dirent, &key::dir_prefix(s.dir));
+        s.delete(Cf::Dirent, &dk);
+        s.expect(&["nlink 1 but 0 directory entries", "not on the orphan list"]);
+        let (dk2, mut drec) = s.inode(s.dir);
+        drec.nlink = 3;
+        s.put(Cf::Inode, &dk2, &drec.encode());
+        s.expect(&[
+            "nlink 1 but 0 directory entries",
+            "not on the orphan list",
+            "nlink 3 but 0 subdirectories",
+        ]);
+    }
+
+    #[test]
+    fn dangling_and_mistyped_entries_are_found() {
+        let s = store();
+        let ghost = DirentRecord {
+            child: InodeNo(999),
+            kind: Kind::File,
+        };
+        s.put(
+            Cf::Dirent,
+            &key::dirent(s.dir, b"ghost", Epoch::FIRST),
+            &ghost.encode(),
+        );
+        s.expect(&[&format!(
+            "entry \"ghost\" of inode {}: names inode 999, which does not exist",
+            s.dir.0
+        )]);
+        let wrong = DirentRecord {
+            child: s.file,
+            kind: Kind::Dir,
+        };
+        s.put(
+            Cf::Dirent,
+            &key::dirent(s.dir, b"ghost", Epoch::FIRST),
+            &wrong.encode(),
+        );
+        s.expect(&[
+            "is a Dir but it is a File",
+            "nlink 1 but 2 directory entries",
+        ]);
+    }
+
+    #[test]
+    fn extent_mistakes_are_found() {
+        let s = store();
+        let (k, mut rec) = s.inode(s.file);
+        rec.size = 100;
+        s.put(Cf::Inode, &k, &rec.encode());
+        let report = s.fsck();
+        assert!(
+            report
+                .findings
+                .iter()
+                .any(|f| f.problem.contains("beyond the file's size 100")),
+            "{report}"
+        );
+        rec.size = 40_000;
+        rec.data_bytes = 7;
+        s.put(Cf::Inode, &k, &rec.encode());
+        s.expect(&["data_bytes 7 but its extents hold 40000 bytes"]);
+        rec.data_bytes = 40_000;
+        s.put(Cf::Inode, &k, &rec.encode());
+        // A second extent starting inside the first.
+        let (ek, ev) = s.first(Cf::Extent, &key::extents_prefix(s.file));
+        let (_, offset, _) = key::parse_extent(&ek).expect("key");
+        s.put(
+            Cf::Extent,
+            &key::extent(s.file, offset + 1, Epoch::FIRST),
+            &ev,
+        );
+        let report = s.fsck();
+        assert!(
+            report
+                .findings
+                .iter()
+                .any(|f| f.problem.contains("overlaps the extent at offset 0")),
+            "{report}"
+        );
+    }
+
+    #[test]
+    fn counter_drift_is_found() {
+        let s = store();
+        let mut c = s.ns.counters();
+        c.files += 1;
+        c.logical_bytes -= 1;
+        s.put(
+            Cf::Meta,
+            format::meta::STORE_COUNTERS,
+            &serde_json::to_vec(&c).expect("json"),
+        );
+        s.expect(&["files is 2 but a recount gives 1", "logical_bytes is 39999"]);
+        let mut rec = s.ns.container_by_name("c").expect("container");
+        rec.dirs = 5;
+        s.put(Cf::Meta, &key::container(rec.id), &rec.encode());
+        s.expect(&[
+            "files is 2",
+            "logical_bytes is 39999",
+            "container \"c\" (container 1): dirs is 5 but a recount gives 1",
+        ]);
+    }
+
+    #[test]
+    fn stale_versions_and_xattrs_of_missing_inodes_are_found() {
+        let s = store();
+        let (_, rec) = s.inode(s.file);
+        // An older version of the inode, which no snapshot can see.
+        s.put(Cf::Inode, &key::inode(s.file, Epoch(0)), &rec.encode());
+        s.put(
+            Cf::Xattr,
+            &key::xattr(InodeNo(4242), b"user.x", Epoch::FIRST),
+            &[format::LIVE, 1],
+        );
+        s.expect(&[
+            "superseded version born at epoch 0",
+            "xattr \"user.x\" of inode 4242",
+        ]);
+    }
+}
