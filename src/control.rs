@@ -53,16 +53,74 @@ fn container_error(name: &str, e: FsError) -> String {
     match e {
         FsError::NotFound => format!("container {name:?} does not exist"),
         FsError::Exists => format!("container {name:?} already exists"),
-        FsError::NotEmpty => format!("container {name:?} is not empty; use --force to delete it and everything in it"),
+        FsError::NotEmpty => format!(
+            "container {name:?} is not empty; use --force to delete it and everything in it"
+        ),
         FsError::Busy => format!("container {name:?} has open files"),
-        FsError::Invalid => format!("invalid container name {name:?}: it must not be empty, '.', '..' or contain '/'"),
-        FsError::NameTooLong => format!("container name is longer than {} bytes", crate::format::NAME_MAX),
+        FsError::Invalid => format!(
+            "invalid container name {name:?}: it must not be empty, '.', '..' or contain '/'"
+        ),
+        FsError::NameTooLong => format!(
+            "container name is longer than {} bytes",
+            crate::format::NAME_MAX
+        ),
         other => format!("container {name:?}: {other}"),
     }
 }
 
-/// Runs one operation against an open namespace.
-pub fn execute(ns: &Namespace, op: &Op) -> Result<Value, String> {
+/// What `dedupfs stats` shows: the store's figures and, from a running mount, its rates.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StatsReply {
+    #[serde(flatten)]
+    pub store: crate::stats::StoreStats,
+    pub mount: Option<MountRates>,
+}
+
+/// Data moved through a running mount since it started.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MountRates {
+    pub bytes_written: u64,
+    pub bytes_read: u64,
+    pub seconds: f64,
+    pub write_bytes_per_second: f64,
+    pub read_bytes_per_second: f64,
+}
+
+impl MountRates {
+    fn of(ns: &Namespace) -> MountRates {
+        let (written, read, started_ns) = ns.io_counters();
+        let seconds = ((crate::store::now_ns() - started_ns) as f64 / 1e9).max(1e-3);
+        MountRates {
+            bytes_written: written,
+            bytes_read: read,
+            seconds,
+            write_bytes_per_second: written as f64 / seconds,
+            read_bytes_per_second: read as f64 / seconds,
+        }
+    }
+}
+
+impl StatsReply {
+    pub fn render_text(&self) -> String {
+        let mut out = self.store.render_text();
+        if let Some(m) = &self.mount {
+            let human = crate::stats::human_bytes;
+            out.push_str(&format!(
+                "\nmount, over {:.0} s: written {} ({}/s average), read {} ({}/s average)\n",
+                m.seconds,
+                human(m.bytes_written),
+                human(m.write_bytes_per_second as u64),
+                human(m.bytes_read),
+                human(m.read_bytes_per_second as u64)
+            ));
+        }
+        out
+    }
+}
+
+/// Runs one operation against an open namespace; `served_by_mount` when a running mount
+/// answers (its throughput figures then mean something).
+pub fn execute(ns: &Namespace, op: &Op, served_by_mount: bool) -> Result<Value, String> {
     match op {
         Op::Ping => Ok(json!({ "pid": std::process::id() })),
         Op::ContainerCreate { name } => ns
@@ -89,8 +147,15 @@ pub fn execute(ns: &Namespace, op: &Op) -> Result<Value, String> {
             .map(|()| json!({ "deleted": name }))
             .map_err(|e| container_error(name, e)),
         Op::Stats { container } => {
-            let _ = (ns, container);
-            Err("WIP-STATS".to_string())
+            let mut store = crate::stats::stats(&ns.kv).map_err(|e| e.to_string())?;
+            if let Some(name) = container {
+                store.containers.retain(|c| &c.name == name);
+                if store.containers.is_empty() {
+                    return Err(format!("container {name:?} does not exist"));
+                }
+            }
+            let mount = served_by_mount.then(|| MountRates::of(ns));
+            serde_json::to_value(StatsReply { store, mount }).map_err(|e| e.to_string())
         }
     }
 }
@@ -151,7 +216,7 @@ pub fn handle_line(ns: &Namespace, line: &str) -> Reply {
             request.v
         ));
     }
-    match execute(ns, &request.op) {
+    match execute(ns, &request.op, true) {
         Ok(data) => Reply {
             ok: true,
             data: Some(data),

@@ -48,7 +48,9 @@ impl StoreArg {
 }
 
 fn default_store() -> PathBuf {
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| "/root".into());
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/root".into());
     home.join(".local/share/dedupfs/store")
 }
 
@@ -60,8 +62,9 @@ enum Command {
         /// Average chunk size: a power of two from 1K to 4M
         #[arg(long, default_value = "64K")]
         chunk_avg: String,
-        /// Chunk compression: none, zstd or zstd:LEVEL (1-19)
-        #[arg(long, default_value = "zstd:3")]
+        /// Chunk compression: none, zstd (level 3) or zstd:LEVEL (1-19). Level 1 keeps
+        /// ingest fast; higher levels trade CPU for a few percent of space
+        #[arg(long, default_value = "zstd:1")]
         compression: String,
     },
     /// Mount STORE on MOUNTPOINT (in the background unless --foreground)
@@ -217,13 +220,23 @@ fn run(cli: Cli) -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&value)?);
             } else {
-                println!("{value}"); // WIP-STATS
+                let stats: control::StatsReply = serde_json::from_value(value)?;
+                print!("{}", stats.render_text());
             }
             Ok(())
         }
         Command::Fsck { store } => {
-            let _ = Store::open(&store)?;
-            bail!("WIP-FSCK")
+            let store = Store::open(&store)?;
+            let report = dedupfs::fsck::fsck(&store.kv, &store.config)?;
+            println!("{report}");
+            if !report.is_clean() {
+                bail!(
+                    "{}: {} problem(s) found",
+                    store.path.display(),
+                    report.problems()
+                );
+            }
+            Ok(())
         }
     }
 }
@@ -236,7 +249,7 @@ fn request(store: &Path, op: Op) -> Result<Value> {
     let opened = Store::open(store)?;
     let ns = Namespace::new(opened, DEFAULT_CACHE_BYTES)
         .map_err(|e| anyhow!("{}: {e}", store.display()))?;
-    let result = control::execute(&ns, &op).map_err(|e| anyhow!(e));
+    let result = control::execute(&ns, &op, false).map_err(|e| anyhow!(e));
     ns.shutdown()
         .map_err(|e| anyhow!("{}: flushing: {e}", store.display()))?;
     result
@@ -253,7 +266,10 @@ fn container(command: ContainerCommand) -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&value)?);
             } else {
-                println!("{:<32} {:>12} {:>10} {:>8}", "NAME", "LOGICAL", "FILES", "DIRS");
+                println!(
+                    "{:<32} {:>12} {:>10} {:>8}",
+                    "NAME", "LOGICAL", "FILES", "DIRS"
+                );
                 for c in value.as_array().into_iter().flatten() {
                     println!(
                         "{:<32} {:>12} {:>10} {:>8}",
@@ -272,15 +288,24 @@ fn container(command: ContainerCommand) -> Result<()> {
             } else {
                 println!("name:     {}", value["name"].as_str().unwrap_or("?"));
                 println!("id:       {}", value["id"]);
-                println!("logical:  {}", human(value["logical_bytes"].as_u64().unwrap_or(0)));
+                println!(
+                    "logical:  {}",
+                    human(value["logical_bytes"].as_u64().unwrap_or(0))
+                );
                 println!("files:    {}", value["files"]);
                 println!("dirs:     {}", value["dirs"]);
                 println!("entries:  {}", value["entries"]);
             }
         }
         ContainerCommand::Delete { name, force, store } => {
-            request(&store.path(), Op::ContainerDelete { name: name.clone(), force })
-                .context("delete")?;
+            request(
+                &store.path(),
+                Op::ContainerDelete {
+                    name: name.clone(),
+                    force,
+                },
+            )
+            .context("delete")?;
             println!("deleted container {name}");
         }
     }

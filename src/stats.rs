@@ -8,7 +8,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::format::{self, key, ExtentRecord, InodeRecord};
@@ -24,7 +24,7 @@ pub enum StatsError {
     Kv(#[from] KvError),
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StoreStats {
     /// Bytes of file data as the files present them (holes excluded).
     pub logical_bytes: u64,
@@ -44,7 +44,7 @@ pub struct StoreStats {
     pub containers: Vec<ContainerStats>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ContainerStats {
     pub name: String,
     pub id: u32,
