@@ -89,6 +89,15 @@ fn random_writes(dirty_limit: usize) {
     drop(ns);
     let ns = open(&path);
     assert_eq!(ns.read(f, 0, model.len() as u32 + 10).unwrap(), model);
+    ns.shutdown().unwrap();
+    drop(ns);
+    assert_fsck_clean(&path);
+}
+
+fn assert_fsck_clean(path: &std::path::Path) {
+    let store = Store::open(path).unwrap();
+    let report = dedupfs::fsck::fsck(&store.kv, &store.config).unwrap();
+    assert!(report.is_clean(), "{report}");
 }
 
 #[test]
@@ -115,4 +124,7 @@ fn streaming_write_past_the_dirty_bound_holds_back_the_tail() {
     let counters = ns.counters();
     assert_eq!(counters.unique_bytes, data.len() as u64);
     assert_eq!(counters.logical_bytes, data.len() as u64);
+    ns.shutdown().unwrap();
+    drop(ns);
+    assert_fsck_clean(&path);
 }
