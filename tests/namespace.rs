@@ -404,7 +404,7 @@ fn rename_moves_replaces_and_exchanges() {
     assert!(after.chunks < before.chunks);
 
     // NOREPLACE refuses an existing name and leaves both alone.
-    let z = file_with(ns, b, "z", b"zzz");
+    file_with(ns, b, "z", b"zzz");
     assert_eq!(
         ns.rename(a, b"y", b, b"z", true, false, ROOT),
         Err(FsError::Exists)
@@ -458,7 +458,6 @@ fn rename_moves_replaces_and_exchanges() {
     );
     // A directory over an empty directory replaces it.
     ns.rmdir(d, b"inner", ROOT).expect("rmdir");
-    let _ = inner;
     ns.rename(a, b"e", b, b"dir", false, false, ROOT)
         .expect("dir over empty dir");
     assert_eq!(ns.getattr(d).map(|_| ()), Err(FsError::NotFound));
@@ -474,7 +473,6 @@ fn rename_moves_replaces_and_exchanges() {
         ns.rename(b, b"z", other.root, b"z", false, false, ROOT),
         Err(FsError::CrossDevice)
     );
-    let _ = z;
     fx.fsck_clean();
 }
 
