@@ -241,6 +241,7 @@ pub fn split<'a>(params: &ChunkerParams, mut data: &'a [u8]) -> Vec<&'a [u8]> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};

@@ -37,6 +37,9 @@ impl KvError {
 
 pub type Result<T> = std::result::Result<T, KvError>;
 
+/// A key and its value, as a scan yields them.
+pub type Entry = (Box<[u8]>, Box<[u8]>);
+
 /// Column families, one per record kind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Cf {
@@ -152,7 +155,9 @@ impl Kv {
     fn cf(&self, cf: Cf) -> &rocksdb::ColumnFamily {
         // Every family is created at open, so the handle always exists.
         #[allow(clippy::expect_used)]
-        self.db.cf_handle(cf.name()).expect("column family opened at start")
+        self.db
+            .cf_handle(cf.name())
+            .expect("column family opened at start")
     }
 
     pub fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
@@ -216,7 +221,7 @@ impl Kv {
         cf: Cf,
         prefix: &[u8],
         start: &[u8],
-    ) -> impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>)>> + 'a {
+    ) -> impl Iterator<Item = Result<Entry>> + 'a {
         let mut opts = rocksdb::ReadOptions::default();
         if let Some(upper) = prefix_upper_bound(prefix) {
             opts.set_iterate_upper_bound(upper);
@@ -231,7 +236,7 @@ impl Kv {
         &'a self,
         cf: Cf,
         prefix: &[u8],
-    ) -> impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>)>> + 'a {
+    ) -> impl Iterator<Item = Result<Entry>> + 'a {
         self.scan_from(cf, prefix, prefix)
     }
 
@@ -264,6 +269,7 @@ fn prefix_upper_bound(prefix: &[u8]) -> Option<Vec<u8>> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

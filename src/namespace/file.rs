@@ -285,6 +285,9 @@ impl CutPlan {
     }
 }
 
+/// Changes a setattr makes to the inode record in the same batch as a truncate.
+type RecordPatch<'a> = dyn Fn(&mut InodeRecord) -> FsResult<()> + 'a;
+
 /// A commit between [`Namespace::seal`] and [`Namespace::complete`].
 struct Sealed {
     plan: CutPlan,
@@ -810,7 +813,7 @@ impl Namespace {
         mut st: MutexGuard<'_, FileState>,
         mode: CommitMode,
         sync: Sync,
-        patch: Option<&dyn Fn(&mut InodeRecord) -> FsResult<()>>,
+        patch: Option<&RecordPatch>,
     ) -> FsResult<()> {
         Self::wait_idle(file, &mut st);
         if let Some(e) = st.error.take() {
@@ -901,7 +904,7 @@ impl Namespace {
         file: &OpenFile,
         sealed: Sealed,
         sync: Sync,
-        patch: Option<&dyn Fn(&mut InodeRecord) -> FsResult<()>>,
+        patch: Option<&RecordPatch>,
     ) -> FsResult<()> {
         let compression = self.store.config.compression;
         let chunks: Vec<(u64, &[u8])> = sealed.plan.chunks().collect();
@@ -958,7 +961,7 @@ impl Namespace {
         chunks: &[(u64, &[u8])],
         prepared: Vec<chunking::PreparedChunk>,
         sync: Sync,
-        patch: Option<&dyn Fn(&mut InodeRecord) -> FsResult<()>>,
+        patch: Option<&RecordPatch>,
     ) -> FsResult<(Vec<(u64, Extent)>, u64)> {
         let mut txn = Txn::new(sync);
         let mut logical: i64 = 0;
