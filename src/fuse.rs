@@ -71,10 +71,17 @@ fn time(ns: i64) -> SystemTime {
     }
 }
 
+/// A time from a request, in ns. fuser 0.18 decodes a kernel time before 1970, (s < 0, n),
+/// as -(|s| + n) rather than s + n (its `system_time_from_time` has a TODO for it), so
+/// whole seconds and nanoseconds are taken apart again here.
 fn time_ns(t: SystemTime) -> i64 {
+    const NS: i128 = 1_000_000_000;
     match t.duration_since(UNIX_EPOCH) {
         Ok(d) => d.as_nanos() as i64,
-        Err(e) => -(e.duration().as_nanos() as i64),
+        Err(e) => {
+            let before = e.duration().as_nanos() as i128;
+            (-(before / NS) * NS + before % NS) as i64
+        }
     }
 }
 
@@ -180,7 +187,7 @@ impl Filesystem for DedupFs {
         atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
-        _fh: Option<FileHandle>,
+        fh: Option<FileHandle>,
         _crtime: Option<SystemTime>,
         _chgtime: Option<SystemTime>,
         _bkuptime: Option<SystemTime>,
@@ -195,7 +202,14 @@ impl Filesystem for DedupFs {
             atime: opt_time(atime),
             mtime: opt_time(mtime),
         };
-        match self.ns.setattr(ino(i), &set, caller(req)) {
+        // A handle comes only with a truncate through an open file (ftruncate, O_TRUNC):
+        // the kernel checked the descriptor's access mode, which stands even when the
+        // file's mode no longer grants write (a file created 0444 with O_WRONLY).
+        let who = match fh {
+            Some(_) if mode.is_none() && uid.is_none() && gid.is_none() => Caller::ROOT,
+            _ => caller(req),
+        };
+        match self.ns.setattr(ino(i), &set, who) {
             Ok(a) => reply.attr(&TTL, &file_attr(&a)),
             Err(e) => reply.error(errno(e)),
         }

@@ -715,12 +715,13 @@ pub(crate) fn check_access(rec: &InodeRecord, caller: Caller, want: u16) -> FsRe
     if caller.is_root() {
         return Ok(());
     }
+    // A FUSE request carries no supplementary groups, so any caller but the owner may be
+    // in the file's group: the group bits count for them too. The kernel has made the
+    // exact check (default_permissions); this second line must not refuse what it allowed.
     let bits = if caller.uid == rec.uid {
         (rec.perm >> 6) & 7
-    } else if caller.gid == rec.gid {
-        (rec.perm >> 3) & 7
     } else {
-        rec.perm & 7
+        ((rec.perm >> 3) | rec.perm) & 7
     };
     if bits & want == want {
         Ok(())
@@ -747,12 +748,9 @@ pub(crate) fn apply_setattr(rec: &mut InodeRecord, set: &SetAttr, caller: Caller
         if !owner {
             return Err(FsError::NotPermitted);
         }
-        let mut perm = (mode & 0o7777) as u16;
-        // A non-root caller outside the file's group cannot set setgid.
-        if !caller.is_root() && caller.gid != rec.gid {
-            perm &= !0o2000;
-        }
-        rec.perm = perm;
+        // The kernel clears setgid for a caller outside the file's group; only it knows the
+        // caller's supplementary groups.
+        rec.perm = (mode & 0o7777) as u16;
     }
     if set.uid.is_some() || set.gid.is_some() {
         let uid_change = set.uid.is_some_and(|u| u != rec.uid);
@@ -760,7 +758,9 @@ pub(crate) fn apply_setattr(rec: &mut InodeRecord, set: &SetAttr, caller: Caller
         if uid_change && !caller.is_root() {
             return Err(FsError::NotPermitted);
         }
-        if gid_change && !caller.is_root() && (caller.uid != rec.uid || set.gid != Some(caller.gid)) {
+        // The owner may pick any group it belongs to, supplementary ones included; the
+        // kernel checks the membership.
+        if gid_change && !caller.is_root() && caller.uid != rec.uid {
             return Err(FsError::NotPermitted);
         }
         if let Some(u) = set.uid {
