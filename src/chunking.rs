@@ -144,6 +144,41 @@ impl std::fmt::Display for Compression {
     }
 }
 
+thread_local! {
+    /// One compression context per thread and level: creating a context costs more than
+    /// compressing a small chunk.
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn compress_zstd(raw: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().map(|(l, _)| *l) != Some(level) {
+            *slot = Some((level, zstd::bulk::Compressor::new(level)?));
+        }
+        match slot.as_mut() {
+            Some((_, c)) => c.compress(raw),
+            None => zstd::bulk::compress(raw, level),
+        }
+    })
+}
+
+fn decompress_zstd(payload: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+    DECOMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(zstd::bulk::Decompressor::new()?);
+        }
+        match slot.as_mut() {
+            Some(d) => d.decompress(payload, capacity),
+            None => zstd::bulk::decompress(payload, capacity),
+        }
+    })
+}
+
 /// Encodes a chunk for storage: header, then zstd payload, or raw bytes when zstd does
 /// not make them smaller.
 pub fn encode(raw: &[u8], compression: Compression) -> Vec<u8> {
@@ -151,7 +186,7 @@ pub fn encode(raw: &[u8], compression: Compression) -> Vec<u8> {
     out.push(CODEC_RAW);
     out.extend_from_slice(&(raw.len() as u32).to_be_bytes());
     if let Compression::Zstd(level) = compression {
-        if let Ok(packed) = zstd::bulk::compress(raw, level) {
+        if let Ok(packed) = compress_zstd(raw, level) {
             if packed.len() < raw.len() {
                 out[0] = CODEC_ZSTD;
                 out.extend_from_slice(&packed);
@@ -185,7 +220,7 @@ pub fn decode(stored: &[u8]) -> Result<Vec<u8>, DecodeError> {
     let payload = &stored[CHUNK_HEADER..];
     let raw = match stored[0] {
         CODEC_RAW => payload.to_vec(),
-        CODEC_ZSTD => zstd::bulk::decompress(payload, want).map_err(|_| DecodeError::Zstd)?,
+        CODEC_ZSTD => decompress_zstd(payload, want).map_err(|_| DecodeError::Zstd)?,
         other => return Err(DecodeError::Codec(other)),
     };
     if raw.len() != want {

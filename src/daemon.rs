@@ -148,6 +148,14 @@ pub fn serve(cfg: MountConfig, ready_fd: Option<RawFd>) -> Result<()> {
 }
 
 fn start(cfg: &MountConfig, ready: &mut Ready) -> Result<()> {
+    // Write buffers and chunk batches are tens of MiB, allocated and freed at every commit.
+    // Keep freed memory in the heap instead of returning it to the kernel, which would fault
+    // every page in again (measured: ~12% of the daemon's CPU time went to page faults).
+    // SAFETY: mallopt only changes allocator tuning parameters.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+    }
     let mountpoint = check_mountpoint(&cfg.mountpoint)?;
     let fuse_config = fuser_config(cfg)?;
     let mut store = Store::open(&cfg.store)?;

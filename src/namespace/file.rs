@@ -24,7 +24,7 @@ use crate::store::now_ns;
 
 /// Dirty bytes of one file that trigger a commit. Big enough that hashing and compression
 /// run on large batches on every core, small enough to bound memory per writer.
-pub const DIRTY_LIMIT: usize = 32 << 20;
+pub const DIRTY_LIMIT: usize = 16 << 20;
 
 /// A committed chunk of a file.
 #[derive(Clone, Copy, Debug)]
