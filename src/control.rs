@@ -84,6 +84,9 @@ pub struct MountRates {
     pub seconds: f64,
     pub write_bytes_per_second: f64,
     pub read_bytes_per_second: f64,
+    /// Chunk reads that failed verification (EIO); each also has a line in the log.
+    #[serde(default)]
+    pub corrupt_reads: u64,
 }
 
 impl MountRates {
@@ -96,6 +99,10 @@ impl MountRates {
             seconds,
             write_bytes_per_second: written as f64 / seconds,
             read_bytes_per_second: read as f64 / seconds,
+            corrupt_reads: ns
+                .chunks
+                .corrupt_reads
+                .load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 }
@@ -113,6 +120,12 @@ impl StatsReply {
                 human(m.bytes_read),
                 human(m.read_bytes_per_second as u64)
             ));
+            if m.corrupt_reads > 0 {
+                out.push_str(&format!(
+                    "corrupt chunk reads: {} (answered EIO; see dedupfs.log, run fsck)\n",
+                    m.corrupt_reads
+                ));
+            }
         }
         out
     }
