@@ -242,8 +242,15 @@ impl Filesystem for DedupFs {
         }
         let perm = (mode & !umask & 0o7777) as u16;
         self.reply_entry(
-            self.ns
-                .make_node(ino(parent), name.as_bytes(), kind, perm, rdev, b"", caller(req)),
+            self.ns.make_node(
+                ino(parent),
+                name.as_bytes(),
+                kind,
+                perm,
+                rdev,
+                b"",
+                caller(req),
+            ),
             reply,
         );
     }
@@ -259,18 +266,31 @@ impl Filesystem for DedupFs {
     ) {
         let perm = (mode & !umask & 0o7777) as u16;
         self.reply_entry(
-            self.ns
-                .make_node(ino(parent), name.as_bytes(), Kind::Dir, perm, 0, b"", caller(req)),
+            self.ns.make_node(
+                ino(parent),
+                name.as_bytes(),
+                Kind::Dir,
+                perm,
+                0,
+                b"",
+                caller(req),
+            ),
             reply,
         );
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        Self::reply_empty(self.ns.unlink(ino(parent), name.as_bytes(), caller(req)), reply);
+        Self::reply_empty(
+            self.ns.unlink(ino(parent), name.as_bytes(), caller(req)),
+            reply,
+        );
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        Self::reply_empty(self.ns.rmdir(ino(parent), name.as_bytes(), caller(req)), reply);
+        Self::reply_empty(
+            self.ns.rmdir(ino(parent), name.as_bytes(), caller(req)),
+            reply,
+        );
     }
 
     fn symlink(
@@ -404,7 +424,14 @@ impl Filesystem for DedupFs {
         Self::reply_empty(self.ns.release(ino(i)), reply);
     }
 
-    fn fsync(&self, _req: &Request, i: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsync(
+        &self,
+        _req: &Request,
+        i: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         Self::reply_empty(self.ns.fsync(ino(i)), reply);
     }
 
@@ -481,7 +508,14 @@ impl Filesystem for DedupFs {
         reply.ok();
     }
 
-    fn fsyncdir(&self, _req: &Request, _i: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _i: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         Self::reply_empty(self.ns.sync_all(), reply);
     }
 

@@ -139,11 +139,10 @@ impl Store {
             }
             Err(e) => return Err(StoreError::Io(marker_path, e)),
         };
-        let marker: Marker =
-            serde_json::from_slice(&text).map_err(|e| StoreError::BadMarker {
-                path: path.to_path_buf(),
-                why: e.to_string(),
-            })?;
+        let marker: Marker = serde_json::from_slice(&text).map_err(|e| StoreError::BadMarker {
+            path: path.to_path_buf(),
+            why: e.to_string(),
+        })?;
         if marker.format_version > FORMAT_VERSION {
             return Err(StoreError::TooNew {
                 path: path.to_path_buf(),
@@ -158,12 +157,12 @@ impl Store {
         Store::check(path)?;
         let lock = lock(path)?;
         let kv = Kv::open(&path.join(DB_DIR), false)?;
-        let config_bytes = kv
-            .get(Cf::Meta, format::meta::CONFIG)?
-            .ok_or_else(|| StoreError::BadMarker {
-                path: path.to_path_buf(),
-                why: "configuration record missing".into(),
-            })?;
+        let config_bytes =
+            kv.get(Cf::Meta, format::meta::CONFIG)?
+                .ok_or_else(|| StoreError::BadMarker {
+                    path: path.to_path_buf(),
+                    why: "configuration record missing".into(),
+                })?;
         let config: StoreConfig =
             serde_json::from_slice(&config_bytes).map_err(|e| StoreError::BadMarker {
                 path: path.to_path_buf(),

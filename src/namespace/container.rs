@@ -64,10 +64,16 @@ pub struct ContainerInfo {
 impl Namespace {
     pub(crate) fn load_containers(&self) -> FsResult<()> {
         let mut map = self.containers.write();
-        for item in self.kv.scan_prefix(Cf::Meta, format::meta::CONTAINER_PREFIX) {
+        for item in self
+            .kv
+            .scan_prefix(Cf::Meta, format::meta::CONTAINER_PREFIX)
+        {
             let (k, v) = item?;
             let rec: ContainerRecord = serde_json::from_slice(&v).map_err(|e| {
-                tracing::error!("container record {:?} does not decode: {e}", hex::encode(&k));
+                tracing::error!(
+                    "container record {:?} does not decode: {e}",
+                    hex::encode(&k)
+                );
                 FsError::Io
             })?;
             map.insert(rec.id, rec);
@@ -275,4 +281,3 @@ impl Namespace {
         Ok(out)
     }
 }
-

@@ -59,7 +59,10 @@ impl Namespace {
             Some((v, _)) => match DirentRecord::decode(&v) {
                 Some(d) => Ok(Some(d)),
                 None => {
-                    tracing::error!("entry {:?} of {parent}: record does not decode", String::from_utf8_lossy(name));
+                    tracing::error!(
+                        "entry {:?} of {parent}: record does not decode",
+                        String::from_utf8_lossy(name)
+                    );
                     Err(FsError::Io)
                 }
             },
@@ -121,7 +124,10 @@ impl Namespace {
                     ino: d.child,
                     kind: d.kind,
                 }),
-                None => tracing::error!("directory {dir}: entry {:?} does not decode", String::from_utf8_lossy(name)),
+                None => tracing::error!(
+                    "directory {dir}: entry {:?} does not decode",
+                    String::from_utf8_lossy(name)
+                ),
             }
         }
         Ok(out)
@@ -200,7 +206,11 @@ impl Namespace {
                 0
             },
             data_bytes: 0,
-            parent: if kind == Kind::Dir { parent } else { InodeNo(0) },
+            parent: if kind == Kind::Dir {
+                parent
+            } else {
+                InodeNo(0)
+            },
             atime: now,
             mtime: now,
             ctime: now,
@@ -246,7 +256,13 @@ impl Namespace {
         Ok(rec.target)
     }
 
-    pub fn link(&self, ino: InodeNo, parent: InodeNo, name: &[u8], caller: Caller) -> FsResult<Attr> {
+    pub fn link(
+        &self,
+        ino: InodeNo,
+        parent: InodeNo,
+        name: &[u8],
+        caller: Caller,
+    ) -> FsResult<Attr> {
         check_name(name)?;
         let mut st = self.commit.lock();
         let mut rec = self.inode(ino)?;
@@ -301,7 +317,13 @@ impl Namespace {
         self.remove_entry(parent, name, caller, true)
     }
 
-    fn remove_entry(&self, parent: InodeNo, name: &[u8], caller: Caller, dir_wanted: bool) -> FsResult<()> {
+    fn remove_entry(
+        &self,
+        parent: InodeNo,
+        name: &[u8],
+        caller: Caller,
+        dir_wanted: bool,
+    ) -> FsResult<()> {
         let mut st = self.commit.lock();
         if parent == InodeNo::ROOT {
             // Containers go only through `dedupfs container delete`, which asks for --force.
@@ -332,7 +354,13 @@ impl Namespace {
         self.apply(&mut st, txn, &|_| None)
     }
 
-    fn stage_entry_delete(&self, txn: &mut Txn, parent: InodeNo, name: &[u8], container: ContainerId) {
+    fn stage_entry_delete(
+        &self,
+        txn: &mut Txn,
+        parent: InodeNo,
+        name: &[u8],
+        container: ContainerId,
+    ) {
         let e = self.live_epoch(container);
         txn.batch
             .delete(&self.kv, Cf::Dirent, &key::dirent(parent, name, e));
@@ -340,7 +368,13 @@ impl Namespace {
 
     /// Drops one link to `ino`. At zero links the inode goes, or, while it is open, goes on
     /// the orphan list to be reclaimed at its last release (or the next mount).
-    fn stage_unref_inode(&self, txn: &mut Txn, ino: InodeNo, rec: &mut InodeRecord, now: i64) -> FsResult<()> {
+    fn stage_unref_inode(
+        &self,
+        txn: &mut Txn,
+        ino: InodeNo,
+        rec: &mut InodeRecord,
+        now: i64,
+    ) -> FsResult<()> {
         let last = rec.kind == Kind::Dir || rec.nlink <= 1;
         if !last {
             rec.nlink -= 1;
@@ -600,7 +634,15 @@ impl Namespace {
         self.getattr(ino)
     }
 
-    pub fn setxattr(&self, ino: InodeNo, name: &[u8], value: &[u8], create: bool, replace: bool, caller: Caller) -> FsResult<()> {
+    pub fn setxattr(
+        &self,
+        ino: InodeNo,
+        name: &[u8],
+        value: &[u8],
+        create: bool,
+        replace: bool,
+        caller: Caller,
+    ) -> FsResult<()> {
         if name.is_empty() || name.contains(&0) {
             return Err(FsError::Invalid);
         }
@@ -618,7 +660,9 @@ impl Namespace {
         if !caller.is_root() && name.starts_with(b"trusted.") {
             return Err(FsError::NotPermitted);
         }
-        let exists = self.read_newest(Cf::Xattr, &key::xattr_prefix(ino, name))?.is_some();
+        let exists = self
+            .read_newest(Cf::Xattr, &key::xattr_prefix(ino, name))?
+            .is_some();
         if create && exists {
             return Err(FsError::Exists);
         }
@@ -630,7 +674,8 @@ impl Namespace {
         let mut v = Vec::with_capacity(value.len() + 1);
         v.push(format::LIVE);
         v.extend_from_slice(value);
-        txn.batch.put(&self.kv, Cf::Xattr, &key::xattr(ino, name, e), &v);
+        txn.batch
+            .put(&self.kv, Cf::Xattr, &key::xattr(ino, name, e), &v);
         rec.ctime = now_ns();
         self.put_inode(&mut txn, ino, &rec);
         self.apply(&mut st, txn, &|_| None)
@@ -733,7 +778,8 @@ pub(crate) fn check_access(rec: &InodeRecord, caller: Caller, want: u16) -> FsRe
 /// In a sticky directory only the owner of an entry, of the directory, or root may remove
 /// or rename it.
 fn check_sticky(dir: &InodeRecord, rec: &InodeRecord, caller: Caller) -> FsResult<()> {
-    if dir.perm & 0o1000 == 0 || caller.is_root() || caller.uid == rec.uid || caller.uid == dir.uid {
+    if dir.perm & 0o1000 == 0 || caller.is_root() || caller.uid == rec.uid || caller.uid == dir.uid
+    {
         Ok(())
     } else {
         Err(FsError::NotPermitted)
@@ -741,7 +787,12 @@ fn check_sticky(dir: &InodeRecord, rec: &InodeRecord, caller: Caller) -> FsResul
 }
 
 /// Applies the non-size fields of a setattr with chmod/chown/utimens permission rules.
-pub(crate) fn apply_setattr(rec: &mut InodeRecord, set: &SetAttr, caller: Caller, now: i64) -> FsResult<()> {
+pub(crate) fn apply_setattr(
+    rec: &mut InodeRecord,
+    set: &SetAttr,
+    caller: Caller,
+    now: i64,
+) -> FsResult<()> {
     let owner = caller.is_root() || caller.uid == rec.uid;
     let rec_perm = &rec.clone();
     if let Some(mode) = set.mode {

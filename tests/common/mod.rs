@@ -13,10 +13,7 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<std::ffi::OsStr>,
 {
-    Command::new(BIN)
-        .args(args)
-        .output()
-        .expect("run dedupfs")
+    Command::new(BIN).args(args).output().expect("run dedupfs")
 }
 
 /// Asserts success and returns stdout.
