@@ -5,6 +5,7 @@
 //! `namespace::commit`), which holds the commit lock while it reads and rewrites them, so
 //! that a count reaching zero deletes the chunk in the same batch.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -41,6 +42,9 @@ pub struct ChunkStore {
     cache: quick_cache::sync::Cache<ChunkId, Arc<Vec<u8>>, ChunkWeight>,
     /// Reads that found a chunk whose bytes do not match its hash.
     pub corrupt_reads: AtomicU64,
+    /// Chunks that failed verification since the store was opened. A write of the same
+    /// content stores its bytes again instead of deduplicating onto the damaged copy.
+    suspect: parking_lot::Mutex<HashSet<ChunkId>>,
 }
 
 impl ChunkStore {
@@ -50,6 +54,7 @@ impl ChunkStore {
             kv,
             cache: quick_cache::sync::Cache::with_weighter(items, cache_bytes, ChunkWeight),
             corrupt_reads: AtomicU64::new(0),
+            suspect: parking_lot::Mutex::new(HashSet::new()),
         }
     }
 
@@ -79,14 +84,31 @@ impl ChunkStore {
     /// Decodes stored bytes and checks them against `id`.
     pub fn verify(&self, id: &ChunkId, stored: &[u8]) -> Result<Vec<u8>, ChunkError> {
         let raw = chunking::decode(stored).map_err(|e| {
-            self.corrupt_reads.fetch_add(1, Ordering::Relaxed);
+            self.mark_suspect(id);
             ChunkError::Undecodable(*id, e)
         })?;
         if ChunkId::of(&raw) != *id {
-            self.corrupt_reads.fetch_add(1, Ordering::Relaxed);
+            self.mark_suspect(id);
             return Err(ChunkError::HashMismatch(*id));
         }
         Ok(raw)
+    }
+
+    fn mark_suspect(&self, id: &ChunkId) {
+        self.corrupt_reads.fetch_add(1, Ordering::Relaxed);
+        self.suspect.lock().insert(*id);
+    }
+
+    /// True when the stored copy of `id` failed verification: its bytes must be stored
+    /// again by the next write that produces them.
+    pub fn is_suspect(&self, id: &ChunkId) -> bool {
+        self.suspect.lock().contains(id)
+    }
+
+    /// The stored copy of `id` was replaced by verified bytes.
+    pub fn repaired(&self, id: &ChunkId) {
+        self.suspect.lock().remove(id);
+        self.cache.remove(id);
     }
 
     /// Drops a chunk from the cache (after it was reclaimed).

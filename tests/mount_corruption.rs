@@ -281,3 +281,39 @@ fn write_into_a_corrupt_chunk_fails_at_fsync_and_the_mount_goes_on() {
     assert!(std::fs::read(&other).unwrap() == data[..300_000]);
     m.unmount();
 }
+
+#[test]
+fn a_later_write_of_the_same_content_replaces_the_damaged_chunk() {
+    let Damaged {
+        mut m,
+        path,
+        data,
+        start,
+        len,
+        ..
+    } = damaged();
+    // Reading finds the damage; the store now knows the stored copy is bad.
+    let f = File::open(&path).unwrap();
+    let err = pread(&f, start, len).expect_err("the damaged range fails");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    drop(f);
+    // The same content written to another file must be stored again, not deduplicated
+    // onto the damaged copy: then both files read back whole.
+    let copy = m.c().join("copy.bin");
+    std::fs::write(&copy, &data).unwrap();
+    File::open(&copy).unwrap().sync_all().unwrap();
+    assert!(
+        std::fs::read(&copy).unwrap() == data,
+        "the new file reads back"
+    );
+    m.remount();
+    assert!(
+        std::fs::read(&copy).unwrap() == data,
+        "the new file after remount"
+    );
+    assert!(
+        std::fs::read(&path).unwrap() == data,
+        "the damaged file is healed by the rewrite"
+    );
+    m.finish();
+}

@@ -910,7 +910,7 @@ impl Namespace {
         let chunks: Vec<(u64, &[u8])> = sealed.plan.chunks().collect();
         let slices: Vec<&[u8]> = chunks.iter().map(|(_, d)| *d).collect();
         let prepared = chunking::prepare(&slices, compression, |id| {
-            self.chunks.refcount(id).map(|n| n > 0).unwrap_or(false)
+            !self.chunks.is_suspect(id) && self.chunks.refcount(id).map(|n| n > 0).unwrap_or(false)
         });
 
         let mut st = file.state.lock();

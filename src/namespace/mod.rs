@@ -391,6 +391,7 @@ impl Namespace {
     ) -> FsResult<()> {
         let mut counters = st.counters;
         let mut reclaimed = Vec::new();
+        let mut repaired = Vec::new();
         for (id, delta) in &txn.refs {
             if *delta == 0 {
                 continue;
@@ -415,6 +416,21 @@ impl Namespace {
                 }
                 reclaimed.push(*id);
                 continue;
+            }
+            if old > 0 && self.chunks.is_suspect(id) {
+                // The stored copy failed verification; these bytes hashed to `id` just now.
+                if let Some(payload) = txn.payloads.remove(id) {
+                    let old_len = self.kv.get(Cf::Chunk, &id.0)?.map(|v| v.len() as u64);
+                    counters.stored_bytes =
+                        counters.stored_bytes.saturating_sub(old_len.unwrap_or(0))
+                            + payload.len() as u64;
+                    txn.batch.put(&self.kv, Cf::Chunk, &id.0, &payload);
+                    tracing::warn!(
+                        "chunk {}: damaged copy replaced by a verified write",
+                        id.to_hex()
+                    );
+                    repaired.push(*id);
+                }
             }
             if old == 0 {
                 let payload = match txn.payloads.remove(id) {
@@ -470,6 +486,9 @@ impl Namespace {
         }
         for id in reclaimed {
             self.chunks.forget(&id);
+        }
+        for id in repaired {
+            self.chunks.repaired(&id);
         }
         Ok(())
     }
