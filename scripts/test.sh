@@ -26,6 +26,9 @@ dedupfs_mounts() {
 }
 
 rundir=$(mktemp -d /tmp/dedupfs-test-run.XXXXXX)
+# Tests run commands as an unprivileged user (uid 65534) inside the mount: the path to it
+# must be traversable.
+chmod 755 "$rundir"
 
 cleanup() {
     local m left=()
@@ -59,8 +62,8 @@ fi
 failed=()
 log="$rundir/cargo-test.log"
 
-say "cargo test --release --workspace $*"
-if ! TMPDIR="$rundir" cargo test --release --workspace "$@" 2>&1 | tee "$log"; then
+say "cargo test --release --workspace --no-fail-fast $*"
+if ! TMPDIR="$rundir" cargo test --release --workspace --no-fail-fast "$@" 2>&1 | tee "$log"; then
     failed+=("cargo test")
 fi
 
