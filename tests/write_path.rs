@@ -128,3 +128,46 @@ fn streaming_write_past_the_dirty_bound_holds_back_the_tail() {
     drop(ns);
     assert_fsck_clean(&path);
 }
+
+#[test]
+fn appends_with_background_commits_read_back_while_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s");
+    Store::init(
+        &path,
+        ChunkerParams::with_average(4096).unwrap(),
+        Compression::Zstd(1),
+    )
+    .unwrap();
+    let ns = open(&path);
+    // Streaming appends past a small bound: sealed ranges are cut by the commit thread
+    // while reads of every layer (pending, sealed, committed) go on.
+    ns.set_dirty_limit(50_000);
+    let c = ns.create_container("c", Caller::ROOT, 0o755).unwrap();
+    let f = ns
+        .create_file(c.root, b"f", 0o644, Caller::ROOT)
+        .unwrap()
+        .ino;
+    ns.open(f).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+    let mut model: Vec<u8> = Vec::new();
+    for step in 0..2000 {
+        let len = rng.gen_range(1..20_000);
+        let piece: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+        ns.write(f, model.len() as u64, &piece).unwrap();
+        model.extend_from_slice(&piece);
+        if step % 7 == 0 {
+            let off = rng.gen_range(0..model.len());
+            let got = ns.read(f, off as u64, 30_000).unwrap();
+            let end = (off + 30_000).min(model.len());
+            assert!(got == model[off..end], "step {step}: read at {off}");
+        }
+    }
+    ns.release(f).unwrap();
+    assert!(ns.read(f, 0, model.len() as u32).unwrap() == model);
+    ns.shutdown().unwrap();
+    drop(ns);
+    assert_fsck_clean(&path);
+    let ns = open(&path);
+    assert!(ns.read(f, 0, model.len() as u32).unwrap() == model);
+}

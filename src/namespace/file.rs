@@ -61,7 +61,7 @@ struct FileState {
     dirty: BTreeMap<u64, Vec<u8>>,
     dirty_bytes: usize,
     /// Pending bytes a commit in flight is storing; `dirty` overlays them.
-    sealed: BTreeMap<u64, Vec<u8>>,
+    sealed: BTreeMap<u64, Arc<Vec<u8>>>,
     sealed_bytes: usize,
     /// A commit is between sealing and completing. Commits of one file never overlap.
     in_flight: bool,
@@ -157,8 +157,12 @@ impl FileState {
     /// covers.
     fn spans(&self, pos: u64, len: u64, holes: Holes) -> Vec<Span<'_>> {
         /// The range of `layer` holding `p`, or where the next range starts.
-        fn covering(layer: &BTreeMap<u64, Vec<u8>>, p: u64) -> Result<(u64, &[u8]), u64> {
+        fn covering<B: std::borrow::Borrow<Vec<u8>>>(
+            layer: &BTreeMap<u64, B>,
+            p: u64,
+        ) -> Result<(u64, &[u8]), u64> {
             if let Some((&s, v)) = layer.range(..=p).next_back() {
+                let v: &Vec<u8> = v.borrow();
                 if s + v.len() as u64 > p {
                     return Ok((s, v));
                 }
@@ -230,6 +234,20 @@ impl FileState {
         }
     }
 
+    /// True when the pending bytes are one range that ends at EOF, with no committed chunk
+    /// at or after its start and a natural cut (or nothing) before it: a writer streaming
+    /// a file. Such a range is cut on its own, with no old chunk bytes around it.
+    fn is_streaming_append(&self) -> bool {
+        let mut ranges = self.dirty.iter();
+        let (Some((&start, bytes)), None) = (ranges.next(), ranges.next()) else {
+            return false;
+        };
+        self.released.is_empty()
+            && start + bytes.len() as u64 == self.size
+            && self.region_start(start) == start
+            && self.last_extent_end() <= start
+    }
+
     /// Where re-chunking for dirty bytes starting at `d0` must begin.
     fn region_start(&self, d0: u64) -> u64 {
         if self.resume_at == Some(d0) {
@@ -257,7 +275,8 @@ enum CommitMode {
 /// A stretch of the file re-chunked in one pass: its bytes and where the cuts fall.
 struct Region {
     start: u64,
-    bytes: Vec<u8>,
+    /// Shared with the sealed pending bytes when the region is exactly one pending range.
+    bytes: Arc<Vec<u8>>,
     /// End of each new chunk, as an index into `bytes`.
     cuts: Vec<usize>,
 }
@@ -291,9 +310,12 @@ type RecordPatch<'a> = dyn Fn(&mut InodeRecord) -> FsResult<()> + 'a;
 /// A commit between [`Namespace::seal`] and [`Namespace::complete`].
 struct Sealed {
     plan: CutPlan,
+    /// A streaming append not cut yet: one pending range at EOF with nothing to re-chunk
+    /// around it, which the committing thread cuts itself (see [`Namespace::cut_stream`]).
+    stream: Option<(u64, Arc<Vec<u8>>)>,
     /// Extents a truncate dropped.
     released: Vec<(u64, Extent)>,
-    /// Size to record: the file's size, or where a held-back tail starts.
+    /// The file's size when sealed; the size recorded stops where a held-back tail starts.
     size: u64,
     /// mtime and ctime to record.
     times: Option<i64>,
@@ -789,7 +811,11 @@ impl Namespace {
                 }
             }
             bytes.truncate(at);
-            plan.regions.push(Region { start, bytes, cuts });
+            plan.regions.push(Region {
+                start,
+                bytes: Arc::new(bytes),
+                cuts,
+            });
             plan.removed
                 .extend(st.extents.range(start..pos).map(|(s, _)| *s));
             covered = pos;
@@ -883,18 +909,54 @@ impl Namespace {
     /// Cuts the pending bytes into chunks and moves them aside for [`Namespace::complete`];
     /// the file is then "in flight" until it completes.
     fn seal(&self, ino: InodeNo, st: &mut FileState, mode: CommitMode) -> FsResult<Sealed> {
-        let plan = self.cut(ino, st, mode)?;
-        let size = plan.held.as_ref().map(|(s, _)| *s).unwrap_or(st.size);
-        st.sealed = std::mem::take(&mut st.dirty);
+        let stream = mode == CommitMode::HoldTail && st.is_streaming_append();
+        let plan = if stream {
+            CutPlan::default()
+        } else {
+            self.cut(ino, st, mode)?
+        };
+        st.sealed = std::mem::take(&mut st.dirty)
+            .into_iter()
+            .map(|(offset, bytes)| (offset, Arc::new(bytes)))
+            .collect();
         st.sealed_bytes = std::mem::replace(&mut st.dirty_bytes, 0);
         st.in_flight = true;
         st.dirty_since = None;
+        let stream = if stream {
+            st.sealed.iter().next().map(|(s, b)| (*s, b.clone()))
+        } else {
+            None
+        };
         Ok(Sealed {
             plan,
+            stream,
             released: std::mem::take(&mut st.released),
-            size,
+            size: st.size,
             times: st.times_dirty.take(),
         })
+    }
+
+    /// Cuts a streaming append (see [`FileState::is_streaming_append`]) without copying
+    /// it: every natural cut becomes a chunk, the unfinished last chunk is held back.
+    fn cut_stream(&self, start: u64, bytes: Arc<Vec<u8>>) -> CutPlan {
+        let params = self.store.config.chunker;
+        let mut cuts = Vec::new();
+        let mut held = None;
+        let mut at = 0;
+        while at < bytes.len() {
+            let cut = params.next_cut(&bytes[at..]);
+            if !cut.natural {
+                held = Some((start + at as u64, bytes[at..].to_vec()));
+                break;
+            }
+            at += cut.len;
+            cuts.push(at);
+        }
+        CutPlan {
+            regions: vec![Region { start, bytes, cuts }],
+            removed: Vec::new(),
+            held,
+        }
     }
 
     /// Hashes and compresses a sealed commit's chunks without the file lock, then commits
@@ -902,10 +964,21 @@ impl Namespace {
     fn complete(
         &self,
         file: &OpenFile,
-        sealed: Sealed,
+        mut sealed: Sealed,
         sync: Sync,
         patch: Option<&RecordPatch>,
     ) -> FsResult<()> {
+        if let Some((start, bytes)) = sealed.stream.take() {
+            sealed.plan = self.cut_stream(start, bytes);
+        }
+        // The stored size stops where a held-back tail starts: a crash must not expose
+        // the tail as a hole of zeros.
+        let disk_size = sealed
+            .plan
+            .held
+            .as_ref()
+            .map(|(s, _)| *s)
+            .unwrap_or(sealed.size);
         let compression = self.store.config.compression;
         let chunks: Vec<(u64, &[u8])> = sealed.plan.chunks().collect();
         let slices: Vec<&[u8]> = chunks.iter().map(|(_, d)| *d).collect();
@@ -914,7 +987,9 @@ impl Namespace {
         });
 
         let mut st = file.state.lock();
-        let result = self.commit_sealed(file.ino, &st, &sealed, &chunks, prepared, sync, patch);
+        let result = self.commit_sealed(
+            file.ino, &st, &sealed, disk_size, &chunks, prepared, sync, patch,
+        );
         let sealed_bytes = std::mem::take(&mut st.sealed);
         st.sealed_bytes = 0;
         let outcome = match result {
@@ -924,7 +999,7 @@ impl Namespace {
                 }
                 st.extents.extend(new_extents);
                 st.data_bytes = data_bytes;
-                st.disk_size = sealed.size;
+                st.disk_size = disk_size;
                 st.resume_at = None;
                 if let Some((s, bytes)) = sealed.plan.held {
                     st.resume_at = Some(s);
@@ -936,7 +1011,12 @@ impl Namespace {
                 Ok(())
             }
             Err(e) => {
-                st.restore_under(sealed_bytes);
+                st.restore_under(
+                    sealed_bytes
+                        .into_iter()
+                        .map(|(o, b)| (o, Arc::try_unwrap(b).unwrap_or_else(|b| (*b).clone())))
+                        .collect(),
+                );
                 st.released.extend(sealed.released);
                 if st.times_dirty.is_none() {
                     st.times_dirty = sealed.times;
@@ -958,6 +1038,7 @@ impl Namespace {
         ino: InodeNo,
         st: &FileState,
         sealed: &Sealed,
+        disk_size: u64,
         chunks: &[(u64, &[u8])],
         prepared: Vec<chunking::PreparedChunk>,
         sync: Sync,
@@ -1004,7 +1085,7 @@ impl Namespace {
 
         let mut commit = self.commit.lock();
         let (mut rec, _) = self.read_inode(ino)?.ok_or(FsError::NotFound)?;
-        rec.size = sealed.size;
+        rec.size = disk_size;
         rec.data_bytes = data_bytes;
         if let Some(t) = sealed.times {
             rec.mtime = t;
