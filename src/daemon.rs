@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 
 use crate::control::ControlServer;
-use crate::fuse::DedupFs;
+use crate::fuse::{FuseSession, MountOptions};
 use crate::namespace::Namespace;
 use crate::store::Store;
 
@@ -28,43 +28,6 @@ pub struct MountConfig {
     pub mountpoint: PathBuf,
     pub options: Vec<String>,
     pub cache_bytes: u64,
-}
-
-/// Mount options as fuser takes them.
-fn fuser_config(cfg: &MountConfig) -> Result<fuser::Config> {
-    use fuser::MountOption as M;
-    let mut config = fuser::Config::default();
-    let mut opts = vec![
-        M::FSName(format!("dedupfs:{}", cfg.store.display())),
-        M::Subtype("dedupfs".into()),
-        M::DefaultPermissions,
-    ];
-    for opt in cfg.options.iter().flat_map(|o| o.split(',')) {
-        match opt.trim() {
-            "" | "default_permissions" | "rw" => {}
-            "allow_other" => config.acl = fuser::SessionACL::All,
-            "allow_root" => config.acl = fuser::SessionACL::RootAndOwner,
-            "ro" => opts.push(M::RO),
-            "auto_unmount" => opts.push(M::AutoUnmount),
-            "exec" => opts.push(M::Exec),
-            "noexec" => opts.push(M::NoExec),
-            "suid" => opts.push(M::Suid),
-            "nosuid" => opts.push(M::NoSuid),
-            "dev" => opts.push(M::Dev),
-            "nodev" => opts.push(M::NoDev),
-            "atime" => opts.push(M::Atime),
-            "noatime" => opts.push(M::NoAtime),
-            "sync" => opts.push(M::Sync),
-            "async" => opts.push(M::Async),
-            "dirsync" => opts.push(M::DirSync),
-            other => bail!("unknown mount option {other:?} (known: allow_other, allow_root, default_permissions, ro, rw, auto_unmount, exec, noexec, suid, nosuid, dev, nodev, atime, noatime, sync, async, dirsync)"),
-        }
-    }
-    config.mount_options = opts;
-    // Several request threads, so a slow read of one file does not stall a stat of another.
-    config.n_threads = Some(4);
-    config.clone_fd = true;
-    Ok(config)
 }
 
 /// Checks that `mountpoint` is an existing directory that nothing is mounted on.
@@ -157,13 +120,13 @@ fn start(cfg: &MountConfig, ready: &mut Ready) -> Result<()> {
         libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
     }
     let mountpoint = check_mountpoint(&cfg.mountpoint)?;
-    let fuse_config = fuser_config(cfg)?;
+    let fuse_options = MountOptions::parse(&cfg.store, &cfg.options).map_err(|e| anyhow!(e))?;
     let mut store = Store::open(&cfg.store)?;
     store.set_holder(&format!("mounted at {}", mountpoint.display()));
     let store_path = store.path.clone();
     let ns = Namespace::new(store, cfg.cache_bytes)
         .map_err(|e| anyhow!("{}: cannot open namespace: {e}", cfg.store.display()))?;
-    let mut session = fuser::Session::new(DedupFs::new(ns.clone()), &mountpoint, &fuse_config)
+    let mut session = FuseSession::mount(ns.clone(), &mountpoint, &fuse_options)
         .with_context(|| format!("mounting on {}", mountpoint.display()))?;
     let control = ControlServer::start(ns.clone(), &store_path)
         .with_context(|| format!("control socket in {}", store_path.display()))?;
@@ -183,7 +146,7 @@ fn start(cfg: &MountConfig, ready: &mut Ready) -> Result<()> {
                 }
             })?
     };
-    let mut unmounter = session.unmount_callable();
+    let mut unmounter = session.unmounter();
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
@@ -231,7 +194,7 @@ pub fn spawn_background(cfg: &MountConfig, log: &Path) -> Result<()> {
     // Check what we can before forking, for a clear message in the terminal.
     check_mountpoint(&cfg.mountpoint)?;
     Store::check(&cfg.store)?;
-    fuser_config(cfg)?;
+    MountOptions::parse(&cfg.store, &cfg.options).map_err(|e| anyhow!(e))?;
     let mut fds = [0 as RawFd; 2];
     // SAFETY: pipe2 fills the two-element array.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {

@@ -48,8 +48,99 @@ const MAX_WRITE: u32 = 1 << 20;
 /// through this mount, so cached pages stay true, and warm re-reads never reach the daemon.
 const OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE;
 
+/// Mount options, parsed from `-o` strings.
+pub struct MountOptions {
+    config: fuser::Config,
+}
+
+impl MountOptions {
+    /// Parses comma-separated `-o` options. `default_permissions` is always on: the kernel
+    /// checks permissions against modes.
+    pub fn parse(store: &Path, options: &[String]) -> Result<MountOptions, String> {
+        use fuser::MountOption as M;
+        let mut config = fuser::Config::default();
+        let mut opts = vec![
+            M::FSName(format!("dedupfs:{}", store.display())),
+            M::Subtype("dedupfs".into()),
+            M::DefaultPermissions,
+        ];
+        for opt in options.iter().flat_map(|o| o.split(',')) {
+            match opt.trim() {
+                "" | "default_permissions" | "rw" => {}
+                "allow_other" => config.acl = fuser::SessionACL::All,
+                "allow_root" => config.acl = fuser::SessionACL::RootAndOwner,
+                "ro" => opts.push(M::RO),
+                "auto_unmount" => opts.push(M::AutoUnmount),
+                "exec" => opts.push(M::Exec),
+                "noexec" => opts.push(M::NoExec),
+                "suid" => opts.push(M::Suid),
+                "nosuid" => opts.push(M::NoSuid),
+                "dev" => opts.push(M::Dev),
+                "nodev" => opts.push(M::NoDev),
+                "atime" => opts.push(M::Atime),
+                "noatime" => opts.push(M::NoAtime),
+                "sync" => opts.push(M::Sync),
+                "async" => opts.push(M::Async),
+                "dirsync" => opts.push(M::DirSync),
+                other => {
+                    return Err(format!(
+                        "unknown mount option {other:?} (known: allow_other, allow_root, \
+                         default_permissions, ro, rw, auto_unmount, exec, noexec, suid, nosuid, \
+                         dev, nodev, atime, noatime, sync, async, dirsync)"
+                    ))
+                }
+            }
+        }
+        config.mount_options = opts;
+        // Several request threads, so a slow read of one file does not stall a stat of
+        // another.
+        config.n_threads = Some(4);
+        config.clone_fd = true;
+        Ok(MountOptions { config })
+    }
+}
+
+/// A mounted FUSE session, not yet serving.
+pub struct FuseSession {
+    session: fuser::Session<DedupFs>,
+}
+
+/// Unmounts a session from another thread (a signal handler).
+pub struct Unmounter(fuser::SessionUnmounter);
+
+impl Unmounter {
+    pub fn unmount(&mut self) -> std::io::Result<()> {
+        self.0.unmount()
+    }
+}
+
+impl FuseSession {
+    pub fn mount(
+        ns: Arc<Namespace>,
+        mountpoint: &Path,
+        options: &MountOptions,
+    ) -> std::io::Result<FuseSession> {
+        let fs = DedupFs::new(ns);
+        let notifier = fs.notifier.clone();
+        let session = fuser::Session::new(fs, mountpoint, &options.config)?;
+        let _ = notifier.set(session.notifier());
+        Ok(FuseSession { session })
+    }
+
+    pub fn unmounter(&mut self) -> Unmounter {
+        Unmounter(self.session.unmount_callable())
+    }
+
+    /// Serves requests until the filesystem is unmounted.
+    pub fn run(self) -> std::io::Result<()> {
+        self.session.run()
+    }
+}
+
 pub struct DedupFs {
     ns: Arc<Namespace>,
+    /// Tells the kernel to drop cached attributes the namespace changed on its own.
+    notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
     /// Listings of open directories, by handle: a readdir offset is an index into one, so
     /// a listing resumes in O(1) however large the directory.
     dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
@@ -62,6 +153,20 @@ impl DedupFs {
             ns,
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            notifier: Arc::new(std::sync::OnceLock::new()),
+        }
+    }
+
+    /// Drops the kernel's cached attributes of `ino` after a reply: an ACL xattr changes
+    /// the mode without a setattr the kernel would see. Done on another thread, since a
+    /// notification from inside a request on the same inode may wait on that request.
+    fn invalidate_attr_later(&self, i: INodeNo) {
+        if let Some(notifier) = self.notifier.get().cloned() {
+            let _ = std::thread::Builder::new()
+                .name("inval".into())
+                .spawn(move || {
+                    let _ = notifier.inval_inode(i, -1, 0);
+                });
         }
     }
 }
@@ -582,17 +687,19 @@ impl Filesystem for DedupFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        Self::reply_empty(
-            self.ns.setxattr(
-                ino(i),
-                name.as_bytes(),
-                value,
-                flags & libc::XATTR_CREATE != 0,
-                flags & libc::XATTR_REPLACE != 0,
-                caller(req),
-            ),
-            reply,
+        let result = self.ns.setxattr(
+            ino(i),
+            name.as_bytes(),
+            value,
+            flags & libc::XATTR_CREATE != 0,
+            flags & libc::XATTR_REPLACE != 0,
+            caller(req),
         );
+        let mode_may_change = result.is_ok() && name.as_bytes() == b"system.posix_acl_access";
+        Self::reply_empty(result, reply);
+        if mode_may_change {
+            self.invalidate_attr_later(i);
+        }
     }
 
     fn getxattr(&self, _req: &Request, i: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {

@@ -52,3 +52,29 @@ fn changing_one_byte_of_a_100_mib_file_stores_less_than_1_mib() {
     assert!(std::fs::read(&path).unwrap() == data);
     m.finish();
 }
+
+#[test]
+fn cp_a_keeps_modes_through_acl_xattrs() {
+    use std::os::unix::fs::PermissionsExt;
+    let m = Mounted::new();
+    let src = m.dir.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    for (name, mode) in [("a", 0o755), ("b", 0o640), ("c", 0o604)] {
+        let p = src.join(name);
+        std::fs::write(&p, name).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    // cp -a sets the access ACL xattr, which the filesystem turns into the mode.
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&src)
+        .arg(m.c().join("dst"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    for (name, mode) in [("a", 0o755), ("b", 0o640), ("c", 0o604)] {
+        let meta = std::fs::metadata(m.c().join("dst").join(name)).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o7777, mode, "{name}");
+    }
+    m.finish();
+}

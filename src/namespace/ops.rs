@@ -671,11 +671,34 @@ impl Namespace {
         }
         let e = self.live_epoch(rec.container);
         let mut txn = Txn::new(Sync::Process);
-        let mut v = Vec::with_capacity(value.len() + 1);
-        v.push(format::LIVE);
-        v.extend_from_slice(value);
-        txn.batch
-            .put(&self.kv, Cf::Xattr, &key::xattr(ino, name, e), &v);
+        let mut store_value = true;
+        if name == ACL_ACCESS {
+            // The kernel leaves the mode to the filesystem: the ACL's owner, group (or
+            // mask) and other entries are the permission bits. An ACL with nothing beyond
+            // those is the mode itself and is not kept (as ext4 does), so `cp -a` and
+            // `rsync -A` keep modes, and `ls` shows no stray "+".
+            let acl = AccessAcl::parse(value).ok_or(FsError::Invalid)?;
+            if !caller.is_root() && caller.uid != rec.uid {
+                return Err(FsError::NotPermitted);
+            }
+            rec.perm = (rec.perm & 0o7000) | acl.mode_bits();
+            if acl.minimal {
+                store_value = false;
+                if let Some((_, birth)) =
+                    self.read_newest(Cf::Xattr, &key::xattr_prefix(ino, name))?
+                {
+                    txn.batch
+                        .delete(&self.kv, Cf::Xattr, &key::xattr(ino, name, birth));
+                }
+            }
+        }
+        if store_value {
+            let mut v = Vec::with_capacity(value.len() + 1);
+            v.push(format::LIVE);
+            v.extend_from_slice(value);
+            txn.batch
+                .put(&self.kv, Cf::Xattr, &key::xattr(ino, name, e), &v);
+        }
         rec.ctime = now_ns();
         self.put_inode(&mut txn, ino, &rec);
         self.apply(&mut st, txn, &|_| None)
@@ -752,6 +775,64 @@ impl Namespace {
             bsize: bsize as u32,
             namelen: format::NAME_MAX as u32,
         })
+    }
+}
+
+/// Name of the xattr that carries a file's POSIX access ACL.
+const ACL_ACCESS: &[u8] = b"system.posix_acl_access";
+
+/// The parts of a POSIX access ACL (Linux xattr form: version 2, then little-endian
+/// entries of tag u16, perm u16, id u32) that make up a file mode.
+struct AccessAcl {
+    user_obj: u16,
+    group_obj: u16,
+    mask: Option<u16>,
+    other: u16,
+    /// Only owner, group and other entries: the ACL says no more than the mode.
+    minimal: bool,
+}
+
+impl AccessAcl {
+    const VERSION: u32 = 2;
+    const USER_OBJ: u16 = 0x01;
+    const GROUP_OBJ: u16 = 0x04;
+    const MASK: u16 = 0x10;
+    const OTHER: u16 = 0x20;
+
+    fn parse(value: &[u8]) -> Option<AccessAcl> {
+        let (header, entries) = value.split_at_checked(4)?;
+        if u32::from_le_bytes(header.try_into().ok()?) != Self::VERSION || entries.len() % 8 != 0 {
+            return None;
+        }
+        let (mut user_obj, mut group_obj, mut other, mut mask) = (None, None, None, None);
+        let mut minimal = true;
+        for entry in entries.chunks_exact(8) {
+            let tag = u16::from_le_bytes([entry[0], entry[1]]);
+            let perm = u16::from_le_bytes([entry[2], entry[3]]) & 7;
+            match tag {
+                Self::USER_OBJ => user_obj = Some(perm),
+                Self::GROUP_OBJ => group_obj = Some(perm),
+                Self::OTHER => other = Some(perm),
+                Self::MASK => {
+                    mask = Some(perm);
+                    minimal = false;
+                }
+                _ => minimal = false,
+            }
+        }
+        Some(AccessAcl {
+            user_obj: user_obj?,
+            group_obj: group_obj?,
+            mask,
+            other: other?,
+            minimal,
+        })
+    }
+
+    /// Permission bits (0o777) the ACL implies: the group class is the mask when there is
+    /// one.
+    fn mode_bits(&self) -> u16 {
+        (self.user_obj << 6) | (self.mask.unwrap_or(self.group_obj) << 3) | self.other
     }
 }
 
