@@ -11,6 +11,7 @@
 # Measures, each run on a fresh store:
 #   - sequential write of unique data:  dd if=DATASET of=MNT/c/a bs=1M conv=fsync
 #   - sequential write of the same data again (every chunk already stored) to MNT/c/b
+#   - sequential read of MNT/c/a again right after (warm: page cache and chunk cache)
 #   - sequential read of MNT/c/a after a remount (no page-cache pages of the file, store
 #     files warm in the page cache): cat MNT/c/a > /dev/null
 #   - create, stat and unlink rates of N small files (one directory, 512 bytes each)
@@ -188,6 +189,7 @@ for ((run = 1; run <= runs; run++)); do
     umount_dedupfs
     mount_dedupfs
     measure read:dedupfs read_file "$mnt/c/a"
+    measure read_warm:dedupfs read_file "$mnt/c/a"
     if ((run == 1)); then
         cmp -s "$data" "$mnt/c/a" || die "read-back of $mnt/c/a differs from the data set"
         stats_text=$("$bin" stats --store "$store" 2>&1 || true)
@@ -204,6 +206,7 @@ for ((run = 1; run <= runs; run++)); do
     measure write_unique:disk write_file "$disk/a"
     measure write_dup:disk write_file "$disk/b"
     measure read:disk read_file "$disk/a"
+    measure read_warm:disk read_file "$disk/a"
     rm -f "$disk/a" "$disk/b"
     read -r c s u < <(small_files "$disk/small")
     add create:disk "$c"; add stat:disk "$s"; add unlink:disk "$u"
@@ -220,6 +223,7 @@ for ((run = 1; run <= runs; run++)); do
         fusermount3 -u "$bind_mnt"
         bindfs "$bind_src" "$bind_mnt"
         measure read:bindfs read_file "$bind_mnt/a"
+        measure read_warm:bindfs read_file "$bind_mnt/a"
         rm -f "$bind_mnt/a" "$bind_mnt/b"
         read -r c s u < <(small_files "$bind_mnt/small")
         add create:bindfs "$c"; add stat:bindfs "$s"; add unlink:bindfs "$u"
@@ -243,6 +247,7 @@ rows=(
     "write_unique|sequential write, new data (MiB/s)"
     "write_dup|sequential write, same data again (MiB/s)"
     "read|sequential read after remount (MiB/s)"
+    "read_warm|sequential read again, warm (MiB/s)"
     "create|create $nfiles small files (files/s)"
     "stat|stat (files/s)"
     "unlink|unlink (files/s)"
