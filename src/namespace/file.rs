@@ -89,11 +89,10 @@ impl FileState {
             return;
         }
         let end = offset + data.len() as u64;
-        // Fast path: appending right after the last dirty range.
+        // Fast path: appending right after a range, with nothing pending after it.
+        let nothing_after = self.dirty.range(offset + 1..=end).next().is_none();
         if let Some((&s, v)) = self.dirty.range_mut(..=offset).next_back() {
-            let v_end = s + v.len() as u64;
-            if v_end == offset && self.dirty.range(offset + 1..=end).next().is_none() {
-                let v = self.dirty.get_mut(&s).expect("range found above");
+            if nothing_after && s + v.len() as u64 == offset {
                 v.extend_from_slice(data);
                 self.dirty_bytes += data.len();
                 return;
@@ -886,13 +885,17 @@ impl Namespace {
         let spawned = std::thread::Builder::new()
             .name("commit".into())
             .spawn(move || {
+                let mut error = None;
                 if let Some(sealed) = job_sealed.lock().take() {
-                    if let Err(e) = ns.complete(&job_file, sealed, Sync::Process, None) {
+                    if let Err(e) = ns.complete_work(&job_file, sealed, Sync::Process, None) {
                         tracing::error!("{}: background commit failed: {e}", job_file.ino);
-                        job_file.state.lock().error = Some(e);
+                        error = Some(e);
                     }
                 }
+                // Let go of the namespace before anyone can see the commit finished, so
+                // that whoever waits for it can close and reopen the store.
                 drop(ns);
+                Self::land(&job_file, error);
                 *jobs.0.lock() -= 1;
                 jobs.1.notify_all();
             });
@@ -964,6 +967,19 @@ impl Namespace {
     fn complete(
         &self,
         file: &OpenFile,
+        sealed: Sealed,
+        sync: Sync,
+        patch: Option<&RecordPatch>,
+    ) -> FsResult<()> {
+        let result = self.complete_work(file, sealed, sync, patch);
+        Self::land(file, None);
+        result
+    }
+
+    /// [`Namespace::complete`] without ending the flight.
+    fn complete_work(
+        &self,
+        file: &OpenFile,
         mut sealed: Sealed,
         sync: Sync,
         patch: Option<&RecordPatch>,
@@ -1025,9 +1041,18 @@ impl Namespace {
                 Err(e)
             }
         };
+        outcome
+    }
+
+    /// Ends a commit's flight: later commits of the file may start. A background commit's
+    /// failure is kept for the next write, flush or fsync to report.
+    fn land(file: &OpenFile, error: Option<FsError>) {
+        let mut st = file.state.lock();
+        if error.is_some() {
+            st.error = error;
+        }
         st.in_flight = false;
         file.idle.notify_all();
-        outcome
     }
 
     /// Builds and applies the batch of a sealed commit. Returns the new extents and the
