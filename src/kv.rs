@@ -130,6 +130,10 @@ impl Kv {
         opts.set_write_buffer_size(32 << 20);
         opts.set_max_write_buffer_number(2);
         opts.set_compression_type(rocksdb::DBCompressionType::None);
+        // Chunk payloads pass through the WAL: bound it, so that families with little
+        // traffic (inodes, meta) are flushed and old logs deleted instead of every written
+        // byte being kept twice on disk until they fill their write buffers.
+        opts.set_max_total_wal_size(128 << 20);
         let descriptors = Cf::ALL.iter().map(|cf| {
             let mut cf_opts = rocksdb::Options::default();
             cf_opts.set_write_buffer_size(if *cf == Cf::Chunk { 64 << 20 } else { 16 << 20 });
@@ -141,6 +145,9 @@ impl Kv {
                 cf_opts.set_enable_blob_files(true);
                 cf_opts.set_min_blob_size(1024);
                 cf_opts.set_enable_blob_gc(true);
+                // Compactions relocate the live chunks of the older half of blob files, so
+                // the space of reclaimed chunks comes back without rewriting everything.
+                cf_opts.set_blob_gc_age_cutoff(0.5);
             }
             rocksdb::ColumnFamilyDescriptor::new(cf.name(), cf_opts)
         });
@@ -183,12 +190,12 @@ impl Kv {
         opts.set_sync(sync == Sync::Disk);
         self.db.write_opt(batch.inner, &opts).map_err(|e| {
             let err = KvError::from_engine(e);
-            // Running out of space leaves the engine consistent (the write did not happen);
-            // anything else does not, so stop writing.
-            if !matches!(err, KvError::NoSpace) {
-                self.poison();
-                tracing::error!("store write failed, turning read-only: {err}");
-            }
+            // After a failed write RocksDB's log writer is in an error state (Debian's build
+            // even aborts on the next append), so stop writing, whatever the cause. The
+            // namespace keeps a free-space reserve so that a full disk is refused before it
+            // gets here.
+            self.poison();
+            tracing::error!("store write failed, turning read-only until remounted: {err}");
             err
         })
     }
@@ -211,6 +218,18 @@ impl Kv {
                 .flush_cf(self.cf(cf))
                 .map_err(KvError::from_engine)?;
         }
+        Ok(())
+    }
+
+    /// Gives the space of deleted records back to the filesystem now: flushes memtables
+    /// (so old log files go) and compacts the chunk family, which drops deleted chunks and
+    /// garbage-collects blob files. Costs I/O proportional to the chunk index, not the data.
+    pub fn reclaim_space(&self) -> Result<()> {
+        self.flush()?;
+        let mut opts = rocksdb::CompactOptions::default();
+        opts.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+        self.db
+            .compact_range_cf_opt(self.cf(Cf::Chunk), None::<&[u8]>, None::<&[u8]>, &opts);
         Ok(())
     }
 

@@ -497,6 +497,9 @@ impl Namespace {
         if self.kv.is_poisoned() {
             return Err(FsError::ReadOnly);
         }
+        // Refuse at write time, not only at the commit, so the writer sees ENOSPC on the
+        // write that does not fit.
+        self.check_space(data.len() as u64)?;
         self.with_file(ino, |file| {
             let mut st = file.state.lock();
             if let Some(e) = st.error.take() {

@@ -201,6 +201,83 @@ pub struct Namespace {
     pub(crate) jobs: Arc<(Mutex<usize>, parking_lot::Condvar)>,
     /// Pending bytes of one file that start a background commit.
     pub(crate) dirty_limit: std::sync::atomic::AtomicUsize,
+    /// Free space of the filesystem holding the store, sampled now and then.
+    space: SpaceGuard,
+}
+
+/// Keeps the store from filling its filesystem: new data is refused with ENOSPC while less
+/// than a reserve is free, so RocksDB itself never runs out (a failed write poisons the
+/// store) and deleting files, which needs little space, still works to free some.
+struct SpaceGuard {
+    free_bytes: AtomicU64,
+    total_bytes: AtomicU64,
+    sampled_ns: AtomicU64,
+    /// When the last space reclaim (flush + compaction) started, in ns; one at a time.
+    reclaim_ns: AtomicU64,
+    reclaiming: std::sync::atomic::AtomicBool,
+}
+
+/// Least time between two space reclaims, in nanoseconds.
+const RECLAIM_INTERVAL_NS: u64 = 2_000_000_000;
+
+/// How often free space is sampled (statvfs), in nanoseconds.
+const SPACE_SAMPLE_NS: u64 = 200_000_000;
+
+/// The reserve: room for memtable flushes (up to ~100 MiB of write buffers), compactions and
+/// the deletes that free space; a quarter of the filesystem when that is smaller.
+const SPACE_RESERVE: u64 = 256 << 20;
+
+impl SpaceGuard {
+    fn new() -> SpaceGuard {
+        SpaceGuard {
+            free_bytes: AtomicU64::new(u64::MAX),
+            total_bytes: AtomicU64::new(u64::MAX),
+            sampled_ns: AtomicU64::new(0),
+            reclaim_ns: AtomicU64::new(0),
+            reclaiming: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    fn sample(&self, path: &std::path::Path) {
+        let now = now_ns().max(0) as u64;
+        if now.saturating_sub(self.sampled_ns.load(Ordering::Relaxed)) < SPACE_SAMPLE_NS {
+            return;
+        }
+        self.sampled_ns.store(now, Ordering::Relaxed);
+        let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+            return;
+        };
+        // SAFETY: statvfs writes into the zeroed struct; the path is NUL-terminated.
+        let mut vfs: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statvfs(c_path.as_ptr(), &mut vfs) } == 0 {
+            let frsize = vfs.f_frsize.max(1);
+            self.free_bytes
+                .store(vfs.f_bavail.saturating_mul(frsize), Ordering::Relaxed);
+            self.total_bytes
+                .store(vfs.f_blocks.saturating_mul(frsize), Ordering::Relaxed);
+        }
+    }
+
+    fn reserve(&self) -> u64 {
+        SPACE_RESERVE.min(self.total_bytes.load(Ordering::Relaxed) / 4)
+    }
+
+    /// ENOSPC unless `adding` more bytes leave the reserve free.
+    fn check(&self, path: &std::path::Path, adding: u64) -> FsResult<()> {
+        self.sample(path);
+        let free = self.free_bytes.load(Ordering::Relaxed);
+        if free.saturating_sub(adding) < self.reserve() {
+            return Err(FsError::NoSpace);
+        }
+        Ok(())
+    }
+
+    /// True when free space is within twice the reserve: deleted chunks should then give
+    /// their space back at once rather than at RocksDB's next compaction.
+    fn is_low(&self, path: &std::path::Path) -> bool {
+        self.sample(path);
+        self.free_bytes.load(Ordering::Relaxed) < self.reserve().saturating_mul(2)
+    }
 }
 
 /// The writes of one operation, committed together by [`Namespace::apply`].
@@ -297,6 +374,7 @@ impl Namespace {
             me: std::sync::OnceLock::new(),
             jobs: Arc::new((Mutex::new(0), parking_lot::Condvar::new())),
             dirty_limit: std::sync::atomic::AtomicUsize::new(file::DIRTY_LIMIT),
+            space: SpaceGuard::new(),
         };
         let ns = Arc::new(ns);
         let _ = ns.me.set(Arc::downgrade(&ns));
@@ -313,6 +391,49 @@ impl Namespace {
     /// exercise background commits).
     pub fn set_dirty_limit(&self, bytes: usize) {
         self.dirty_limit.store(bytes.max(1), Ordering::Relaxed);
+    }
+
+    /// ENOSPC when the store's filesystem is down to its reserve (see [`SpaceGuard`]).
+    /// Then the space of deleted chunks, which RocksDB gives back only at compaction, is
+    /// reclaimed on another thread, so writes succeed again once files are deleted.
+    pub(crate) fn check_space(&self, adding: u64) -> FsResult<()> {
+        let result = self.space.check(&self.store.path, adding);
+        if result.is_err() {
+            self.reclaim_space_later();
+        }
+        result
+    }
+
+    fn reclaim_space_later(&self) {
+        let now = now_ns().max(0) as u64;
+        let space = &self.space;
+        if now.saturating_sub(space.reclaim_ns.load(Ordering::Relaxed)) < RECLAIM_INTERVAL_NS
+            || space.reclaiming.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        space.reclaim_ns.store(now, Ordering::Relaxed);
+        let Some(ns) = self.me.get().and_then(|w| w.upgrade()) else {
+            space.reclaiming.store(false, Ordering::Release);
+            return;
+        };
+        let spawned = std::thread::Builder::new()
+            .name("reclaim".into())
+            .spawn(move || {
+                tracing::warn!(
+                    "{}: free space is down to the reserve; reclaiming the space of deleted chunks",
+                    ns.store.path.display()
+                );
+                if let Err(e) = ns.kv.reclaim_space() {
+                    tracing::error!("reclaiming space: {e}");
+                }
+                // Sample again at once: the next write sees the space given back.
+                ns.space.sampled_ns.store(0, Ordering::Relaxed);
+                ns.space.reclaiming.store(false, Ordering::Release);
+            });
+        if spawned.is_err() {
+            space.reclaiming.store(false, Ordering::Release);
+        }
     }
 
     pub fn store(&self) -> &Store {
@@ -389,6 +510,10 @@ impl Namespace {
         mut txn: Txn,
         encode_missing: &dyn Fn(&ChunkId) -> Option<Vec<u8>>,
     ) -> FsResult<()> {
+        let new_bytes: u64 = txn.payloads.values().map(|p| p.len() as u64).sum();
+        if new_bytes > 0 {
+            self.check_space(new_bytes)?;
+        }
         let mut counters = st.counters;
         let mut reclaimed = Vec::new();
         let mut repaired = Vec::new();
@@ -483,6 +608,9 @@ impl Namespace {
         let mut containers = self.containers.write();
         for rec in updated {
             containers.insert(rec.id, rec);
+        }
+        if !reclaimed.is_empty() && self.space.is_low(&self.store.path) {
+            self.reclaim_space_later();
         }
         for id in reclaimed {
             self.chunks.forget(&id);
