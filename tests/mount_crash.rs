@@ -18,7 +18,15 @@ use common::{dedupfs, Mounted};
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
 
+/// SIGKILL rounds in CI; `DEDUPFS_CRASH_ROUNDS` asks for more (scripts/crash-loop.sh).
 const ROUNDS: usize = 20;
+
+fn rounds() -> usize {
+    std::env::var("DEDUPFS_CRASH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(ROUNDS)
+}
 const WRITERS: usize = 3;
 const MIB: usize = 1 << 20;
 /// Shared source of file content, so that files share chunks and refcounts exceed one.
@@ -357,7 +365,8 @@ fn sigkill_during_concurrent_writes() {
         killed: AtomicBool::new(false),
     });
     let mut files_written = 0;
-    for round in 0..ROUNDS {
+    let rounds = rounds();
+    for round in 0..rounds {
         let context = format!("round {round}");
         shared.killed.store(false, Ordering::SeqCst);
         // Only the last round's appended files are checked as prefixes; their bytes are big.
@@ -388,11 +397,11 @@ fn sigkill_during_concurrent_writes() {
     }
     let synced = shared.synced.lock().unwrap().len();
     eprintln!(
-        "{ROUNDS} rounds, {files_written} files started, {synced} fsync'ed files verified, {:.1} s",
+        "{rounds} rounds, {files_written} files started, {synced} fsync'ed files verified, {:.1} s",
         started.elapsed().as_secs_f64()
     );
     assert!(
-        synced >= ROUNDS,
+        synced >= rounds,
         "too few fsync'ed files ({synced}) to mean anything"
     );
     m.remount();
