@@ -154,7 +154,9 @@ fn main() -> ExitCode {
 
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        // fuser warns "Failed to umount filesystem" at every clean unmount, after the kernel
+        // has already let go of the mount; its errors still show.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fuser::session=error"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

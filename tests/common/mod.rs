@@ -131,10 +131,12 @@ impl Mounted {
 
     /// Marks the mount as gone after the daemon was killed; clears the dead mount.
     pub fn forget_killed_mount(&mut self) {
+        // The kernel may have dropped the dead mount already: then fusermount3 complains.
         let _ = Command::new("fusermount3")
             .arg("-u")
             .arg("-z")
             .arg(&self.mnt)
+            .stderr(std::process::Stdio::null())
             .status();
         // Wait for the kernel to drop the connection and the lock to be free.
         for _ in 0..100 {
