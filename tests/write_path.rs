@@ -9,6 +9,34 @@ fn open(path: &std::path::Path) -> std::sync::Arc<Namespace> {
     Namespace::new(Store::open(path).unwrap(), 8 << 20).unwrap()
 }
 
+/// A new store with chunks of `avg` bytes on average, a container "c" and an open file "f"
+/// in it: the temp dir (keep it alive), the store path, the namespace and the file.
+fn store_with_open_file(
+    avg: u64,
+) -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    std::sync::Arc<Namespace>,
+    dedupfs::ids::InodeNo,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s");
+    Store::init(
+        &path,
+        ChunkerParams::with_average(avg).unwrap(),
+        Compression::Zstd(1),
+    )
+    .unwrap();
+    let ns = open(&path);
+    let c = ns.create_container("c", Caller::ROOT, 0o755).unwrap();
+    let f = ns
+        .create_file(c.root, b"f", 0o644, Caller::ROOT)
+        .unwrap()
+        .ino;
+    ns.open(f).unwrap();
+    (dir, path, ns, f)
+}
+
 #[test]
 fn random_writes_match_model_across_commits_and_reopen() {
     random_writes(usize::MAX);
@@ -21,22 +49,8 @@ fn random_writes_with_background_commits_match_model() {
 }
 
 fn random_writes(dirty_limit: usize) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("s");
-    Store::init(
-        &path,
-        ChunkerParams::with_average(4096).unwrap(),
-        Compression::Zstd(1),
-    )
-    .unwrap();
-    let ns = open(&path);
+    let (_dir, path, ns, f) = store_with_open_file(4096);
     ns.set_dirty_limit(dirty_limit);
-    let c = ns.create_container("c", Caller::ROOT, 0o755).unwrap();
-    let f = ns
-        .create_file(c.root, b"f", 0o644, Caller::ROOT)
-        .unwrap()
-        .ino;
-    ns.open(f).unwrap();
     let mut model: Vec<u8> = Vec::new();
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let base: Vec<u8> = (0..200_000).map(|_| rng.gen()).collect();
@@ -102,16 +116,7 @@ fn assert_fsck_clean(path: &std::path::Path) {
 
 #[test]
 fn streaming_write_past_the_dirty_bound_holds_back_the_tail() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("s");
-    Store::init(&path, ChunkerParams::default(), Compression::Zstd(1)).unwrap();
-    let ns = open(&path);
-    let c = ns.create_container("c", Caller::ROOT, 0o755).unwrap();
-    let f = ns
-        .create_file(c.root, b"f", 0o644, Caller::ROOT)
-        .unwrap()
-        .ino;
-    ns.open(f).unwrap();
+    let (_dir, path, ns, f) = store_with_open_file(ChunkerParams::DEFAULT_AVG as u64);
     let mut rng = rand::rngs::StdRng::seed_from_u64(9);
     let data: Vec<u8> = (0..(70 << 20)).map(|_| rng.gen()).collect();
     for (i, piece) in data.chunks(1 << 20).enumerate() {
@@ -131,24 +136,10 @@ fn streaming_write_past_the_dirty_bound_holds_back_the_tail() {
 
 #[test]
 fn appends_with_background_commits_read_back_while_in_flight() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("s");
-    Store::init(
-        &path,
-        ChunkerParams::with_average(4096).unwrap(),
-        Compression::Zstd(1),
-    )
-    .unwrap();
-    let ns = open(&path);
+    let (_dir, path, ns, f) = store_with_open_file(4096);
     // Streaming appends past a small bound: sealed ranges are cut by the commit thread
     // while reads of every layer (pending, sealed, committed) go on.
     ns.set_dirty_limit(50_000);
-    let c = ns.create_container("c", Caller::ROOT, 0o755).unwrap();
-    let f = ns
-        .create_file(c.root, b"f", 0o644, Caller::ROOT)
-        .unwrap()
-        .ino;
-    ns.open(f).unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(21);
     let mut model: Vec<u8> = Vec::new();
     for step in 0..2000 {
