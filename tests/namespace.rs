@@ -977,6 +977,14 @@ struct Tree {
 }
 
 impl Tree {
+    /// Adds the entry `name` of `dir`, naming `ino`.
+    fn add_entry(&mut self, dir: InodeNo, name: &[u8], ino: InodeNo) {
+        self.dirs
+            .get_mut(&dir)
+            .expect("dir")
+            .insert(name.to_vec(), ino);
+    }
+
     fn lookup(&self, dir: InodeNo, name: &[u8]) -> Option<InodeNo> {
         self.dirs[&dir].get(name).copied()
     }
@@ -1130,10 +1138,7 @@ fn run_tree_model(seed: u64, steps: usize) {
                     Some(_) => assert_eq!(got, Err(FsError::Exists), "{ctx}"),
                     None => {
                         let ino = got.expect(&ctx);
-                        tree.dirs
-                            .get_mut(&dir)
-                            .expect("dir")
-                            .insert(name.to_vec(), ino);
+                        tree.add_entry(dir, name, ino);
                         tree.kind.insert(ino, Kind::File);
                         let data = random(rng.gen_range(0..3000), seed * 1000 + step as u64);
                         ns.write(ino, 0, &data).expect(&ctx);
@@ -1149,10 +1154,7 @@ fn run_tree_model(seed: u64, steps: usize) {
                     Some(_) => assert_eq!(got, Err(FsError::Exists), "{ctx}"),
                     None => {
                         let ino = got.expect(&ctx);
-                        tree.dirs
-                            .get_mut(&dir)
-                            .expect("dir")
-                            .insert(name.to_vec(), ino);
+                        tree.add_entry(dir, name, ino);
                         tree.dirs.insert(ino, Default::default());
                         tree.kind.insert(ino, Kind::Dir);
                         tree.parent.insert(ino, dir);
@@ -1167,10 +1169,7 @@ fn run_tree_model(seed: u64, steps: usize) {
                     Some(_) => assert_eq!(got, Err(FsError::Exists), "{ctx}"),
                     None => {
                         let ino = got.expect(&ctx);
-                        tree.dirs
-                            .get_mut(&dir)
-                            .expect("dir")
-                            .insert(name.to_vec(), ino);
+                        tree.add_entry(dir, name, ino);
                         tree.kind.insert(ino, Kind::Symlink);
                     }
                 }
@@ -1187,10 +1186,7 @@ fn run_tree_model(seed: u64, steps: usize) {
                     assert_eq!(got, Err(FsError::Exists), "{ctx}");
                 } else {
                     assert_eq!(got, Ok(src), "{ctx}");
-                    tree.dirs
-                        .get_mut(&dir)
-                        .expect("dir")
-                        .insert(name.to_vec(), src);
+                    tree.add_entry(dir, name, src);
                 }
             }
             50..=61 => {
