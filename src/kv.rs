@@ -233,6 +233,19 @@ impl Kv {
         Ok(())
     }
 
+    /// Turns the relocation of live chunks out of old blob files on or off. Relocation
+    /// writes before it frees, so on a nearly full disk it could itself run RocksDB out of
+    /// space; blob files whose chunks are all deleted are dropped either way.
+    pub fn set_blob_gc(&self, enabled: bool) -> Result<()> {
+        let value = if enabled { "true" } else { "false" };
+        self.db
+            .set_options_cf(
+                self.cf(Cf::Chunk),
+                &[("enable_blob_garbage_collection", value)],
+            )
+            .map_err(KvError::from_engine)
+    }
+
     /// Key-value pairs whose key starts with `prefix`, from `start` (which must itself start
     /// with `prefix`) onwards, in key order.
     pub fn scan_from<'a>(

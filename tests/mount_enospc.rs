@@ -35,6 +35,11 @@ impl SmallFs {
 
 impl Drop for SmallFs {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // What the daemon saw is the first thing to read when this test fails.
+            let log = std::fs::read_to_string(self.path.join("store/dedupfs.log"));
+            eprintln!("--- store log ---\n{}", log.unwrap_or_default());
+        }
         let mnt = self.path.join("mnt");
         if common::is_mounted(&mnt) {
             let _ = Command::new("fusermount3")

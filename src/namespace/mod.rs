@@ -215,6 +215,12 @@ struct SpaceGuard {
     /// When the last space reclaim (flush + compaction) started, in ns; one at a time.
     reclaim_ns: AtomicU64,
     reclaiming: std::sync::atomic::AtomicBool,
+    /// Stored bytes of chunks deleted since the last reclaim: a reclaim with nothing to
+    /// give back would only cost space.
+    reclaimable_bytes: AtomicU64,
+    /// Whether blob garbage collection is on; it is turned off while space is low
+    /// (see [`Kv::set_blob_gc`]).
+    blob_gc: std::sync::atomic::AtomicBool,
 }
 
 /// Least time between two space reclaims, in nanoseconds.
@@ -235,9 +241,12 @@ impl SpaceGuard {
             sampled_ns: AtomicU64::new(0),
             reclaim_ns: AtomicU64::new(0),
             reclaiming: std::sync::atomic::AtomicBool::new(false),
+            reclaimable_bytes: AtomicU64::new(0),
+            blob_gc: std::sync::atomic::AtomicBool::new(true),
         }
     }
 
+    /// Samples free space unless it was sampled very recently.
     fn sample(&self, path: &std::path::Path) {
         let now = now_ns().max(0) as u64;
         if now.saturating_sub(self.sampled_ns.load(Ordering::Relaxed)) < SPACE_SAMPLE_NS {
@@ -255,6 +264,21 @@ impl SpaceGuard {
                 .store(vfs.f_bavail.saturating_mul(frsize), Ordering::Relaxed);
             self.total_bytes
                 .store(vfs.f_blocks.saturating_mul(frsize), Ordering::Relaxed);
+        }
+    }
+
+    /// The blob garbage collection setting the free space calls for, when it differs from
+    /// the current one: off below four reserves, on again above eight.
+    fn blob_gc_change(&self) -> Option<bool> {
+        let free = self.free_bytes.load(Ordering::Relaxed);
+        let reserve = self.reserve();
+        let on = self.blob_gc.load(Ordering::Relaxed);
+        if on && free < reserve.saturating_mul(4) {
+            Some(false)
+        } else if !on && free > reserve.saturating_mul(8) {
+            Some(true)
+        } else {
+            None
         }
     }
 
@@ -398,20 +422,43 @@ impl Namespace {
     /// reclaimed on another thread, so writes succeed again once files are deleted.
     pub(crate) fn check_space(&self, adding: u64) -> FsResult<()> {
         let result = self.space.check(&self.store.path, adding);
+        if let Some(enabled) = self.space.blob_gc_change() {
+            self.set_blob_gc(enabled);
+        }
         if result.is_err() {
             self.reclaim_space_later();
         }
         result
     }
 
+    fn set_blob_gc(&self, enabled: bool) {
+        match self.kv.set_blob_gc(enabled) {
+            Ok(()) => {
+                self.space.blob_gc.store(enabled, Ordering::Relaxed);
+                tracing::info!(
+                    "{}: blob garbage collection {}",
+                    self.store.path.display(),
+                    if enabled {
+                        "resumed"
+                    } else {
+                        "paused while free space is low"
+                    }
+                );
+            }
+            Err(e) => tracing::error!("setting blob garbage collection: {e}"),
+        }
+    }
+
     fn reclaim_space_later(&self) {
         let now = now_ns().max(0) as u64;
         let space = &self.space;
-        if now.saturating_sub(space.reclaim_ns.load(Ordering::Relaxed)) < RECLAIM_INTERVAL_NS
+        if space.reclaimable_bytes.load(Ordering::Relaxed) == 0
+            || now.saturating_sub(space.reclaim_ns.load(Ordering::Relaxed)) < RECLAIM_INTERVAL_NS
             || space.reclaiming.swap(true, Ordering::AcqRel)
         {
             return;
         }
+        space.reclaimable_bytes.store(0, Ordering::Relaxed);
         space.reclaim_ns.store(now, Ordering::Relaxed);
         let Some(ns) = self.me.get().and_then(|w| w.upgrade()) else {
             space.reclaiming.store(false, Ordering::Release);
@@ -535,6 +582,9 @@ impl Namespace {
                 txn.batch.delete(&self.kv, Cf::Chunk, &id.0);
                 txn.batch.delete(&self.kv, Cf::Refcount, &id.0);
                 if let Some((stored, raw)) = stored_len {
+                    self.space
+                        .reclaimable_bytes
+                        .fetch_add(stored, Ordering::Relaxed);
                     counters.stored_bytes = counters.stored_bytes.saturating_sub(stored);
                     counters.unique_bytes = counters.unique_bytes.saturating_sub(raw as u64);
                     counters.chunks = counters.chunks.saturating_sub(1);
