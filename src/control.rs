@@ -26,11 +26,36 @@ const MAX_REQUEST: usize = 64 * 1024;
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum Op {
     Ping,
-    ContainerCreate { name: String },
+    ContainerCreate {
+        name: String,
+    },
     ContainerList,
-    ContainerInfo { name: String },
-    ContainerDelete { name: String, force: bool },
-    Stats { container: Option<String> },
+    ContainerInfo {
+        name: String,
+    },
+    ContainerDelete {
+        name: String,
+        force: bool,
+    },
+    Stats {
+        container: Option<String>,
+    },
+    SnapshotCreate {
+        container: String,
+        name: Option<String>,
+    },
+    SnapshotList {
+        container: Option<String>,
+    },
+    SnapshotDelete {
+        container: String,
+        name: String,
+    },
+    SnapshotPrune {
+        container: String,
+        policy: crate::retention::KeepPolicy,
+        dry_run: bool,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -133,8 +158,106 @@ impl StatsReply {
 
 /// Runs one operation against an open namespace; `served_by_mount` when a running mount
 /// answers (its throughput figures then mean something).
+fn snapshot_error(container: &str, name: &str, e: FsError) -> String {
+    match e {
+        FsError::NotFound => format!("snapshot {container}@{name} does not exist"),
+        FsError::Exists => format!("snapshot {container}@{name} already exists"),
+        FsError::Busy => format!("snapshot {container}@{name} has files open for reading"),
+        FsError::Invalid | FsError::NameTooLong => format!(
+            "invalid snapshot name {name:?}: it must be a file name (not '.', '..', no '/', '@' or ':', at most {} bytes)",
+            crate::format::NAME_MAX
+        ),
+        other => format!("snapshot {container}@{name}: {other}"),
+    }
+}
+
+fn snapshot_op_error(ns: &Namespace, container: &str, name: &str, e: FsError) -> String {
+    if e == FsError::NotFound && ns.container_by_name(container).is_none() {
+        return format!("container {container:?} does not exist");
+    }
+    snapshot_error(container, name, e)
+}
+
+fn snapshot_infos(ns: &Namespace, container: &str) -> Result<Vec<Value>, String> {
+    let list = ns
+        .list_snapshots(container)
+        .map_err(|e| snapshot_op_error(ns, container, "", e))?;
+    Ok(list
+        .into_iter()
+        .map(|s| serde_json::to_value(s).unwrap_or(Value::Null))
+        .collect())
+}
+
+fn prune(
+    ns: &Namespace,
+    container: &str,
+    policy: &crate::retention::KeepPolicy,
+    dry_run: bool,
+) -> Result<Value, String> {
+    let c = ns
+        .container_by_name(container)
+        .ok_or_else(|| format!("container {container:?} does not exist"))?;
+    let candidates: Vec<crate::retention::Candidate> = ns
+        .snapshots_of(c.id)
+        .into_iter()
+        .map(|s| crate::retention::Candidate {
+            name: s.name,
+            created_ns: s.created_ns,
+        })
+        .collect();
+    let plan = crate::retention::plan_prune(&candidates, policy).map_err(|e| e.to_string())?;
+    let mut decisions = Vec::new();
+    let mut reclaimed = 0u64;
+    for d in &plan.decisions {
+        let mut entry = json!({ "name": d.name, "created_ns": d.created_ns, "keep": d.keep,
+                                "reasons": d.reasons });
+        if !d.keep && !dry_run {
+            let deleted = ns
+                .delete_snapshot(container, &d.name)
+                .map_err(|e| snapshot_op_error(ns, container, &d.name, e))?;
+            reclaimed += deleted.reclaimed_bytes;
+            entry["reclaimed_bytes"] = json!(deleted.reclaimed_bytes);
+        }
+        decisions.push(entry);
+    }
+    Ok(
+        json!({ "container": container, "dry_run": dry_run, "decisions": decisions,
+               "reclaimed_bytes": reclaimed }),
+    )
+}
+
 pub fn execute(ns: &Namespace, op: &Op, served_by_mount: bool) -> Result<Value, String> {
     match op {
+        Op::SnapshotCreate { container, name } => ns
+            .create_snapshot(container, name.as_deref())
+            .map(|s| {
+                json!({ "container": container, "name": s.name, "id": s.id.0,
+                              "created_ns": s.created_ns })
+            })
+            .map_err(|e| snapshot_op_error(ns, container, name.as_deref().unwrap_or(""), e)),
+        Op::SnapshotList { container } => {
+            let names: Vec<String> = match container {
+                Some(c) => vec![c.clone()],
+                None => ns.containers().into_iter().map(|c| c.name).collect(),
+            };
+            let mut all = Vec::new();
+            for c in names {
+                all.extend(snapshot_infos(ns, &c)?);
+            }
+            Ok(Value::Array(all))
+        }
+        Op::SnapshotDelete { container, name } => ns
+            .delete_snapshot(container, name)
+            .map(|d| {
+                json!({ "container": container, "name": name,
+                              "versions": d.versions, "reclaimed_bytes": d.reclaimed_bytes })
+            })
+            .map_err(|e| snapshot_op_error(ns, container, name, e)),
+        Op::SnapshotPrune {
+            container,
+            policy,
+            dry_run,
+        } => prune(ns, container, policy, *dry_run),
         Op::Ping => Ok(json!({ "pid": std::process::id() })),
         Op::ContainerCreate { name } => ns
             .create_container(name, Caller::ROOT, 0o755)

@@ -12,6 +12,7 @@
 //! | dirent   | parent(8) name 0x00 !e(8)             | tag(1) [child ino(8) kind(1)]      |
 //! | extent   | ino(8) offset(8) !e(8)                | tag(1) [hash(32) len(4)]           |
 //! | xattr    | ino(8) name 0x00 !e(8)                | tag(1) [value]                     |
+//! | deadlist | cid(4) kill(8) birth(8) family(1) key | empty                              |
 //! | meta     | ascii name                            | see [`meta`]                       |
 //!
 //! A tag of [`TOMBSTONE`] hides the key at and after its epoch; [`LIVE`] carries a record.
@@ -19,7 +20,10 @@
 use crate::ids::{ChunkId, ContainerId, Epoch, InodeNo};
 
 /// Version of the layouts in this file. A store with a newer version is refused.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
+
+/// Oldest format this build opens. Version 1 had no snapshots; its records read unchanged.
+pub const FORMAT_VERSION_MIN: u32 = 1;
 
 pub const TOMBSTONE: u8 = 0;
 pub const LIVE: u8 = 1;
@@ -41,6 +45,18 @@ pub mod meta {
     pub const CONTAINER_PREFIX: &[u8] = b"container/";
     /// Prefix of the orphan list: `orphan/` ino(8) -> empty. Inodes unlinked while open.
     pub const ORPHAN_PREFIX: &[u8] = b"orphan/";
+    /// Prefix of snapshot records: `snapshot/` cid(4) epoch(8) -> JSON record.
+    pub const SNAPSHOT_PREFIX: &[u8] = b"snapshot/";
+    /// Next snapshot id, u64 (ids fit in [`crate::ids::SnapshotId`]).
+    pub const NEXT_SNAPSHOT: &[u8] = b"next-snapshot";
+}
+
+/// Family bytes of dead-list entries: which column family the dead version lives in.
+pub mod family {
+    pub const INODE: u8 = 1;
+    pub const DIRENT: u8 = 2;
+    pub const EXTENT: u8 = 3;
+    pub const XATTR: u8 = 4;
 }
 
 fn not_epoch(e: Epoch) -> [u8; 8] {
@@ -143,6 +159,14 @@ pub mod key {
         k
     }
 
+    /// Prefix of every version of the extent at `offset`.
+    pub fn extent_offset_prefix(ino: InodeNo, offset: u64) -> [u8; 16] {
+        let mut k = [0u8; 16];
+        k[..8].copy_from_slice(&ino.0.to_be_bytes());
+        k[8..].copy_from_slice(&offset.to_be_bytes());
+        k
+    }
+
     pub fn parse_extent(key: &[u8]) -> Option<(InodeNo, u64, Epoch)> {
         if key.len() != 24 {
             return None;
@@ -164,6 +188,59 @@ pub mod key {
         let mut k = meta::ORPHAN_PREFIX.to_vec();
         k.extend_from_slice(&ino.0.to_be_bytes());
         k
+    }
+
+    /// Prefix of every snapshot record of a container.
+    pub fn snapshots_prefix(cid: ContainerId) -> Vec<u8> {
+        let mut k = meta::SNAPSHOT_PREFIX.to_vec();
+        k.extend_from_slice(&cid.0.to_be_bytes());
+        k
+    }
+
+    pub fn snapshot(cid: ContainerId, e: Epoch) -> Vec<u8> {
+        let mut k = snapshots_prefix(cid);
+        k.extend_from_slice(&e.0.to_be_bytes());
+        k
+    }
+
+    /// Prefix of the dead list of epoch `kill` of a container: the versions a write at
+    /// that epoch superseded while an older snapshot still sees them.
+    pub fn deadlist_prefix(cid: ContainerId, kill: Epoch) -> [u8; 12] {
+        let mut k = [0u8; 12];
+        k[..4].copy_from_slice(&cid.0.to_be_bytes());
+        k[4..].copy_from_slice(&kill.0.to_be_bytes());
+        k
+    }
+
+    /// A dead-list entry; sorted by birth within a list, so that the versions born after
+    /// a given epoch are one range.
+    pub fn deadlist(
+        cid: ContainerId,
+        kill: Epoch,
+        birth: Epoch,
+        family: u8,
+        version: &[u8],
+    ) -> Vec<u8> {
+        let mut k = Vec::with_capacity(21 + version.len());
+        k.extend_from_slice(&deadlist_prefix(cid, kill));
+        k.extend_from_slice(&birth.0.to_be_bytes());
+        k.push(family);
+        k.extend_from_slice(version);
+        k
+    }
+
+    /// (container, kill epoch, birth epoch, family, version key) of a dead-list key.
+    pub fn parse_deadlist(key: &[u8]) -> Option<(ContainerId, Epoch, Epoch, u8, &[u8])> {
+        if key.len() < 21 + 8 {
+            return None;
+        }
+        Some((
+            ContainerId(be_u32(key)?),
+            Epoch(be_u64(&key[4..])?),
+            Epoch(be_u64(&key[12..])?),
+            key[20],
+            &key[21..],
+        ))
     }
 
     pub fn parse_orphan(key: &[u8]) -> Option<InodeNo> {

@@ -7,15 +7,18 @@
 //!
 //! What is counted, as the namespace counts it:
 //! - refcount(h): stored extent versions (live or not, tombstones excluded) naming h;
-//! - `logical_bytes`: lengths of every stored extent version, orphans included;
+//! - `logical_bytes`: lengths of the live extents (newest versions) of existing inodes,
+//!   orphans included;
 //! - `files`: regular files with at least one link (an orphan left the count at unlink);
 //! - `dirs`: directories except the mount root; a container's own counter leaves out the
 //!   container's root, the store's counter includes it;
 //! - `stored_bytes` / `unique_bytes` / `chunks`: stored values, their raw lengths, their number.
 //!
-//! The store has no snapshots yet, so every object must have exactly one version and a
-//! superseded version is a leak. When snapshots arrive, [`Checker::versions`] is where the
-//! rule "a version no snapshot and not the live head can see is gone" must learn about them.
+//! Snapshots (namespace/snapshot.rs): every version but the newest of an object must be on
+//! exactly one dead list, and every dead-list entry must name an existing version that a
+//! snapshot still sees; anything else is a leak or a dangling entry. The newest version of
+//! an extent or xattr of a removed inode may be on a dead list too (it was retired without
+//! a tombstone, since nothing live reaches it).
 //!
 //! fsck reads without a database snapshot: run it on a store no process is writing to.
 
@@ -141,8 +144,12 @@ pub fn fsck(kv: &Kv, config: &StoreConfig) -> Result<FsckReport, KvError> {
         next_ino: 2,
         next_container: 1,
         stored_counters: None,
+        snapshots: HashMap::new(),
+        dead: HashMap::new(),
     };
     c.scan_meta()?;
+    c.scan_snapshots()?;
+    c.scan_deadlists()?;
     c.scan_inodes()?;
     c.scan_chunks()?;
     c.scan_refcounts()?;
@@ -150,6 +157,7 @@ pub fn fsck(kv: &Kv, config: &StoreConfig) -> Result<FsckReport, KvError> {
     c.scan_extents()?;
     c.scan_xattrs()?;
     c.check_chunks();
+    c.check_deadlists();
     c.check_inodes();
     c.check_containers_and_counters();
     Ok(c.report)
@@ -192,6 +200,21 @@ struct Checker<'a> {
     next_ino: u64,
     next_container: u64,
     stored_counters: Option<Counters>,
+    /// Snapshot epochs of each container, ascending.
+    snapshots: HashMap<ContainerId, Vec<Epoch>>,
+    /// Dead-list entries by family byte and version key: the entry's key, and whether a
+    /// scan found the version.
+    dead: HashMap<Vec<u8>, (Vec<u8>, bool)>,
+}
+
+/// Family byte of the dead-list entries of an area.
+fn family_of(area: Area) -> u8 {
+    match area {
+        Area::Inode => format::family::INODE,
+        Area::Dirent => format::family::DIRENT,
+        Area::Extent => format::family::EXTENT,
+        _ => format::family::XATTR,
+    }
 }
 
 type Version = (Box<[u8]>, Box<[u8]>);
@@ -244,20 +267,39 @@ impl Checker<'_> {
         Ok(())
     }
 
+    /// Marks a version as found; true when it is on a dead list.
+    fn dead_listed(&mut self, area: Area, version: &[u8]) -> bool {
+        let mut k = vec![family_of(area)];
+        k.extend_from_slice(version);
+        match self.dead.get_mut(&k) {
+            Some(entry) => {
+                entry.1 = true;
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Checks the versions of one object; returns the newest when it is live (not a
-    /// tombstone). No snapshots exist, so only the newest version may be stored.
+    /// tombstone). Every older version must be on a dead list.
     fn versions<'v>(
         &mut self,
         area: Area,
         object: &str,
         versions: &'v [Version],
     ) -> Option<&'v [u8]> {
+        if let Some((k, _)) = versions.first() {
+            self.dead_listed(area, k);
+        }
         for (k, _) in versions.iter().skip(1) {
+            if self.dead_listed(area, k) {
+                continue;
+            }
             let epoch = key::split_versioned(k).map(|(_, e)| e.0).unwrap_or(0);
             self.find(
                 area,
                 object,
-                format!("superseded version born at epoch {epoch} is still stored, and no snapshot can see it"),
+                format!("superseded version born at epoch {epoch} is on no dead list, so no snapshot can see it"),
             );
         }
         let (_, newest) = versions.first()?;
@@ -382,6 +424,125 @@ impl Checker<'_> {
             }
         }
         Ok(())
+    }
+
+    fn scan_snapshots(&mut self) -> Result<(), KvError> {
+        let mut names: HashSet<(ContainerId, String)> = HashSet::new();
+        let next_snapshot = match self.kv.get(Cf::Meta, format::meta::NEXT_SNAPSHOT)? {
+            Some(v) => format::decode_count(&v).unwrap_or(1),
+            None => 1,
+        };
+        for item in self.kv.scan_prefix(Cf::Meta, format::meta::SNAPSHOT_PREFIX) {
+            let (k, v) = item?;
+            let object = format!("snapshot record {}", hex::encode(&k));
+            let rec: crate::namespace::SnapshotRecord = match serde_json::from_slice(&v) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.find(Area::Meta, object, format!("does not decode: {e}"));
+                    continue;
+                }
+            };
+            let object = format!("snapshot {:?} of {}", rec.name, rec.container);
+            if k.as_ref() != key::snapshot(rec.container, rec.epoch).as_slice() {
+                self.find(
+                    Area::Meta,
+                    &object,
+                    "is stored under a key that does not name it",
+                );
+            }
+            if rec.id.0 as u64 >= next_snapshot || rec.id.0 == 0 {
+                self.find(
+                    Area::Meta,
+                    &object,
+                    format!("id {} was never allocated", rec.id.0),
+                );
+            }
+            if !names.insert((rec.container, rec.name.clone())) {
+                self.find(Area::Meta, &object, "name is used twice in its container");
+            }
+            match self.containers.get(&rec.container) {
+                None => self.find(Area::Meta, &object, "its container does not exist"),
+                Some(c) if rec.epoch >= c.live_epoch => self.find(
+                    Area::Meta,
+                    &object,
+                    format!(
+                        "epoch {} is not before the live epoch {}",
+                        rec.epoch.0, c.live_epoch.0
+                    ),
+                ),
+                Some(_) => {}
+            }
+            self.snapshots
+                .entry(rec.container)
+                .or_default()
+                .push(rec.epoch);
+        }
+        for epochs in self.snapshots.values_mut() {
+            epochs.sort();
+        }
+        Ok(())
+    }
+
+    fn scan_deadlists(&mut self) -> Result<(), KvError> {
+        for item in self.kv.scan_prefix(Cf::Deadlist, b"") {
+            let (k, _) = item?;
+            let object = format!("dead-list entry {}", hex::encode(&k));
+            let Some((cid, kill, birth, fam, vkey)) = key::parse_deadlist(&k) else {
+                self.find(Area::Meta, object, "does not parse");
+                continue;
+            };
+            let version_birth = key::split_versioned(vkey).map(|(_, e)| e);
+            if version_birth != Some(birth) || birth >= kill {
+                self.find(
+                    Area::Meta,
+                    &object,
+                    format!(
+                        "birth {} and kill {} do not fit its version",
+                        birth.0, kill.0
+                    ),
+                );
+            }
+            let seen = self
+                .snapshots
+                .get(&cid)
+                .is_some_and(|e| e.iter().any(|s| birth <= *s && *s < kill));
+            if !seen {
+                self.find(
+                    Area::Meta,
+                    &object,
+                    format!(
+                        "no snapshot of {cid} sees it (born {}, killed {}): it should be gone",
+                        birth.0, kill.0
+                    ),
+                );
+            }
+            if !self.containers.contains_key(&cid) {
+                self.find(Area::Meta, &object, format!("{cid} does not exist"));
+            }
+            let mut id = vec![fam];
+            id.extend_from_slice(vkey);
+            if self.dead.insert(id, (k.to_vec(), false)).is_some() {
+                self.find(Area::Meta, &object, "its version is on two dead lists");
+            }
+        }
+        Ok(())
+    }
+
+    fn check_deadlists(&mut self) {
+        let mut dangling: Vec<String> = self
+            .dead
+            .values()
+            .filter(|(_, seen)| !seen)
+            .map(|(k, _)| hex::encode(k))
+            .collect();
+        dangling.sort();
+        for k in dangling {
+            self.find(
+                Area::Meta,
+                format!("dead-list entry {k}"),
+                "names a version that does not exist",
+            );
+        }
     }
 
     fn scan_inodes(&mut self) -> Result<(), KvError> {
@@ -654,9 +815,11 @@ impl Checker<'_> {
                 }
             }
             prev = Some((ino, offset, end));
+            let retired = c.dead_listed(Area::Extent, &versions[0].0);
             match c.inodes.get_mut(&ino) {
+                None if retired => {}
                 None => {
-                    c.stray_extent_bytes += all_bytes;
+                    c.stray_extent_bytes += e.len as u64;
                     c.find(Area::Extent, &object, format!("{ino} does not exist"));
                 }
                 Some(info) => {
@@ -709,7 +872,7 @@ impl Checker<'_> {
             if c.versions(Area::Xattr, &object, versions).is_none() {
                 return;
             }
-            if !c.inodes.contains_key(&ino) {
+            if !c.inodes.contains_key(&ino) && !c.dead_listed(Area::Xattr, &versions[0].0) {
                 c.find(Area::Xattr, &object, format!("{ino} does not exist"));
             }
         })
@@ -908,8 +1071,8 @@ impl Checker<'_> {
         let container_roots: HashSet<InodeNo> = self.containers.values().map(|r| r.root).collect();
         for (ino, info) in &self.inodes {
             let r = per.entry(info.rec.container).or_default();
-            r.logical_bytes += info.all_extent_bytes;
-            total.logical_bytes += info.all_extent_bytes;
+            r.logical_bytes += info.live_extent_bytes;
+            total.logical_bytes += info.live_extent_bytes;
             match info.rec.kind {
                 Kind::File if info.rec.nlink > 0 => {
                     r.files += 1;

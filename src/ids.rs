@@ -74,3 +74,14 @@ impl Epoch {
     /// The first live epoch of a new container.
     pub const FIRST: Epoch = Epoch(1);
 }
+
+/// A snapshot, numbered once per store and never reused: the number appears in the inode
+/// numbers of the snapshot's view, which must stay stable across remounts.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub struct SnapshotId(pub u32);
+
+impl fmt::Display for SnapshotId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "snapshot {}", self.0)
+    }
+}

@@ -19,5 +19,6 @@ pub mod fuse;
 pub mod ids;
 pub mod kv;
 pub mod namespace;
+pub mod retention;
 pub mod stats;
 pub mod store;

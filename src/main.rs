@@ -91,6 +91,11 @@ enum Command {
         #[command(subcommand)]
         command: ContainerCommand,
     },
+    /// Take, list, delete and prune snapshots of a container
+    Snapshot {
+        #[command(subcommand)]
+        command: SnapshotCommand,
+    },
     /// Show space savings and throughput, for the store or one container
     Stats {
         container: Option<String>,
@@ -164,6 +169,190 @@ fn init_logging() {
         .try_init();
 }
 
+#[derive(Subcommand)]
+enum SnapshotCommand {
+    /// Take a snapshot of CONTAINER, instantly; NAME defaults to the UTC time
+    Create {
+        container: String,
+        name: Option<String>,
+        #[command(flatten)]
+        store: StoreArg,
+    },
+    /// List snapshots with their size and the space only each one holds
+    List {
+        container: Option<String>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        store: StoreArg,
+    },
+    /// Delete a snapshot and give back the space only it held
+    Delete {
+        container: String,
+        name: String,
+        #[command(flatten)]
+        store: StoreArg,
+    },
+    /// Delete the snapshots a retention policy does not keep (restic/borg meaning, UTC
+    /// buckets: each --keep-X N keeps the newest snapshot of each of the N latest periods)
+    Prune {
+        container: String,
+        /// Keep the N newest snapshots
+        #[arg(long, default_value_t = 0)]
+        keep_last: u32,
+        /// Keep the newest snapshot of each of the last N hours that have one
+        #[arg(long, default_value_t = 0)]
+        keep_hourly: u32,
+        /// ... of each of the last N days
+        #[arg(long, default_value_t = 0)]
+        keep_daily: u32,
+        /// ... of each of the last N ISO weeks
+        #[arg(long, default_value_t = 0)]
+        keep_weekly: u32,
+        /// ... of each of the last N months
+        #[arg(long, default_value_t = 0)]
+        keep_monthly: u32,
+        /// ... of each of the last N years
+        #[arg(long, default_value_t = 0)]
+        keep_yearly: u32,
+        /// Show what would be kept and removed, remove nothing
+        #[arg(long, short = 'n')]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        store: StoreArg,
+    },
+}
+
+fn snapshot(command: SnapshotCommand) -> Result<()> {
+    match command {
+        SnapshotCommand::Create {
+            container,
+            name,
+            store,
+        } => {
+            let v = request(&store.path(), Op::SnapshotCreate { container, name })?;
+            println!(
+                "created snapshot {}@{}",
+                v["container"].as_str().unwrap_or("?"),
+                v["name"].as_str().unwrap_or("?")
+            );
+        }
+        SnapshotCommand::List {
+            container,
+            json,
+            store,
+        } => {
+            let value = request(&store.path(), Op::SnapshotList { container })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&value)?);
+                return Ok(());
+            }
+            println!(
+                "{:<40} {:<20} {:>12} {:>10} {:>12}",
+                "SNAPSHOT", "CREATED (UTC)", "LOGICAL", "FILES", "ONLY HERE"
+            );
+            for s in value.as_array().into_iter().flatten() {
+                println!(
+                    "{:<40} {:<20} {:>12} {:>10} {:>12}",
+                    format!(
+                        "{}@{}",
+                        s["container"].as_str().unwrap_or("?"),
+                        s["name"].as_str().unwrap_or("?")
+                    ),
+                    dedupfs::retention::format_utc(s["created_ns"].as_i64().unwrap_or(0)),
+                    human(s["logical_bytes"].as_u64().unwrap_or(0)),
+                    s["files"].as_u64().unwrap_or(0),
+                    human(s["reclaimable_bytes"].as_u64().unwrap_or(0)),
+                );
+            }
+        }
+        SnapshotCommand::Delete {
+            container,
+            name,
+            store,
+        } => {
+            let v = request(
+                &store.path(),
+                Op::SnapshotDelete {
+                    container: container.clone(),
+                    name: name.clone(),
+                },
+            )?;
+            println!(
+                "deleted snapshot {container}@{name}: {} reclaimed",
+                human(v["reclaimed_bytes"].as_u64().unwrap_or(0))
+            );
+        }
+        SnapshotCommand::Prune {
+            container,
+            keep_last,
+            keep_hourly,
+            keep_daily,
+            keep_weekly,
+            keep_monthly,
+            keep_yearly,
+            dry_run,
+            json,
+            store,
+        } => {
+            let policy = dedupfs::retention::KeepPolicy {
+                last: keep_last,
+                hourly: keep_hourly,
+                daily: keep_daily,
+                weekly: keep_weekly,
+                monthly: keep_monthly,
+                yearly: keep_yearly,
+            };
+            if policy.is_empty() {
+                bail!("no --keep-* option given: prune would remove every snapshot; refusing");
+            }
+            let v = request(
+                &store.path(),
+                Op::SnapshotPrune {
+                    container: container.clone(),
+                    policy,
+                    dry_run,
+                },
+            )?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            let mut removed = 0;
+            for d in v["decisions"].as_array().into_iter().flatten() {
+                let name = d["name"].as_str().unwrap_or("?");
+                let keep = d["keep"].as_bool().unwrap_or(true);
+                if keep {
+                    let reasons: Vec<&str> = d["reasons"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|r| r.as_str())
+                        .collect();
+                    println!("keep   {container}@{name}  ({})", reasons.join(", "));
+                } else {
+                    removed += 1;
+                    println!(
+                        "{} {container}@{name}",
+                        if dry_run { "would remove" } else { "remove" }
+                    );
+                }
+            }
+            if dry_run {
+                println!("dry run: {removed} snapshot(s) would be removed");
+            } else {
+                println!(
+                    "removed {removed} snapshot(s), {} reclaimed",
+                    human(v["reclaimed_bytes"].as_u64().unwrap_or(0))
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Init {
@@ -213,6 +402,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Umount { mountpoint } => daemon::unmount(&mountpoint),
         Command::Container { command } => container(command),
+        Command::Snapshot { command } => snapshot(command),
         Command::Stats {
             container,
             json,

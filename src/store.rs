@@ -163,11 +163,32 @@ impl Store {
                     path: path.to_path_buf(),
                     why: "configuration record missing".into(),
                 })?;
-        let config: StoreConfig =
+        let mut config: StoreConfig =
             serde_json::from_slice(&config_bytes).map_err(|e| StoreError::BadMarker {
                 path: path.to_path_buf(),
                 why: format!("configuration record: {e}"),
             })?;
+        if config.format_version < FORMAT_VERSION {
+            // Every older format is a subset of this one (docs/FORMAT.md): record the new
+            // version, so that an older dedupfs refuses a store that may now hold records
+            // it does not know.
+            config.format_version = FORMAT_VERSION;
+            let mut batch = Batch::new();
+            let encoded = serde_json::to_vec(&config).unwrap_or_default();
+            batch.put(&kv, Cf::Meta, format::meta::CONFIG, &encoded);
+            kv.write(batch, Sync::Disk)?;
+            let marker = serde_json::to_vec_pretty(&Marker {
+                format_version: FORMAT_VERSION,
+                store_id: config.store_id.clone(),
+            })
+            .unwrap_or_default();
+            write_durably(&path.join(MARKER_FILE), &marker)
+                .map_err(|e| StoreError::Io(path.join(MARKER_FILE), e))?;
+            tracing::info!(
+                "{}: store format upgraded to version {FORMAT_VERSION}",
+                path.display()
+            );
+        }
         Ok(Store {
             path: path.to_path_buf(),
             kv: Arc::new(kv),

@@ -42,6 +42,7 @@ macro_rules! serde_plain_id {
 serde_plain_id!(ContainerId, u32);
 serde_plain_id!(InodeNo, u64);
 serde_plain_id!(Epoch, u64);
+serde_plain_id!(crate::ids::SnapshotId, u32);
 
 impl ContainerRecord {
     pub fn encode(&self) -> Vec<u8> {
@@ -201,6 +202,21 @@ impl Namespace {
     /// Deletes a container and everything in it. A non-empty container needs `force`;
     /// a container with open files is busy.
     pub fn delete_container(&self, name: &str, force: bool) -> FsResult<()> {
+        let rec = self.container_by_name(name).ok_or(FsError::NotFound)?;
+        let snapshots = self.snapshots_of(rec.id);
+        if !snapshots.is_empty() {
+            // Snapshots are contents too; each goes in its own batch, newest first, so
+            // that an interruption leaves a consistent container with fewer snapshots.
+            if !force {
+                return Err(FsError::NotEmpty);
+            }
+            if self.container_is_busy(rec.id)? {
+                return Err(FsError::Busy);
+            }
+            for s in snapshots.iter().rev() {
+                self.delete_snapshot(name, &s.name)?;
+            }
+        }
         // Under the commit lock, so that nothing is created or opened in the container
         // between the checks and the batch.
         let mut st = self.commit.lock();
@@ -211,14 +227,8 @@ impl Namespace {
         let inodes = self.container_inodes(rec.root)?;
         // Open files include orphans (unlinked while open), which no entry reaches: their
         // release would purge them after the container and its counters are gone.
-        let open: Vec<InodeNo> = self.open_files.lock().keys().copied().collect();
-        for ino in open {
-            if self
-                .read_inode(ino)?
-                .is_some_and(|(r, _)| r.container == rec.id)
-            {
-                return Err(FsError::Busy);
-            }
+        if self.container_is_busy(rec.id)? {
+            return Err(FsError::Busy);
         }
         let mut txn = Txn::new(Sync::Process);
         for ino in &inodes {
@@ -258,6 +268,24 @@ impl Namespace {
         self.apply(&mut st, txn, &|_| None)?;
         self.containers.write().remove(&rec.id);
         Ok(())
+    }
+
+    /// True while a file of the container (or of one of its snapshots) is open.
+    pub(crate) fn container_is_busy(&self, container: ContainerId) -> FsResult<bool> {
+        let open: Vec<InodeNo> = self.open_files.lock().keys().copied().collect();
+        for ino in open {
+            if self
+                .read_inode(ino)?
+                .is_some_and(|(r, _)| r.container == container)
+            {
+                return Ok(true);
+            }
+        }
+        let ids: std::collections::HashSet<_> =
+            self.snapshots_of(container).iter().map(|s| s.id).collect();
+        Ok(self.snap_files.lock().keys().any(|ino| {
+            matches!(super::View::of(*ino), super::View::Snapshot(id, _) if ids.contains(&id))
+        }))
     }
 
     /// Every inode reachable from `root`, `root` included, each once.

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use super::ops::FILE_SIZE_MAX;
-use super::{Attr, Caller, FsError, FsResult, Namespace, Txn};
+use super::{is_snapshot_ino, writable, Attr, Caller, FsError, FsResult, Namespace, Txn, View};
 use crate::chunk_store::ChunkError;
 use crate::chunking;
 use crate::format::{key, ExtentRecord, InodeRecord, Kind};
@@ -408,8 +408,17 @@ impl Namespace {
         })
     }
 
-    /// Opens a regular file: its state stays in memory until the last [`Namespace::release`].
-    pub fn open(&self, ino: InodeNo) -> FsResult<Arc<OpenFile>> {
+    /// Opens a file for reading and writing (or, in a snapshot view, for reading). Its state
+    /// stays in memory until the last [`Namespace::release`].
+    pub fn open(&self, ino: InodeNo) -> FsResult<()> {
+        match View::of(ino) {
+            View::Live(_) => self.open_live(ino).map(|_| ()),
+            View::SnapshotsDir(_) => Err(FsError::IsDir),
+            View::Snapshot(id, inner) => self.view_open(ino, id, inner),
+        }
+    }
+
+    fn open_live(&self, ino: InodeNo) -> FsResult<Arc<OpenFile>> {
         if let Some(entry) = self.open_files.lock().get_mut(&ino) {
             entry.1 += 1;
             return Ok(entry.0.clone());
@@ -443,6 +452,10 @@ impl Namespace {
     /// Drops one open handle. The last one commits pending writes and, for a file unlinked
     /// while open, reclaims it.
     pub fn release(&self, ino: InodeNo) -> FsResult<()> {
+        if is_snapshot_ino(ino) {
+            self.view_release(ino);
+            return Ok(());
+        }
         let file = {
             let mut open = self.open_files.lock();
             let Some(entry) = open.get_mut(&ino) else {
@@ -471,7 +484,7 @@ impl Namespace {
         ino: InodeNo,
         f: impl FnOnce(&Arc<OpenFile>) -> FsResult<T>,
     ) -> FsResult<T> {
-        let file = self.open(ino)?;
+        let file = self.open_live(ino)?;
         let result = f(&file);
         let released = self.release(ino);
         let value = result?;
@@ -490,6 +503,7 @@ impl Namespace {
     }
 
     pub fn write(&self, ino: InodeNo, offset: u64, data: &[u8]) -> FsResult<u32> {
+        writable(ino)?;
         let end = offset
             .checked_add(data.len() as u64)
             .filter(|e| *e <= FILE_SIZE_MAX)
@@ -520,6 +534,9 @@ impl Namespace {
     }
 
     pub fn read(&self, ino: InodeNo, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        if let View::Snapshot(id, inner) = View::of(ino) {
+            return self.view_read(ino, id, inner, offset, size);
+        }
         self.with_file(ino, |file| {
             // Plan under the lock, copying pending bytes; fetch chunks after it, so that
             // parallel reads of one file (kernel read-ahead) decompress in parallel.
@@ -580,11 +597,17 @@ impl Namespace {
 
     /// Commits pending writes (close, flush).
     pub fn flush(&self, ino: InodeNo) -> FsResult<()> {
+        if is_snapshot_ino(ino) {
+            return Ok(());
+        }
         self.with_file(ino, |file| self.commit_open_file(file, Sync::Process))
     }
 
     /// Commits pending writes and makes them durable before returning.
     pub fn fsync(&self, ino: InodeNo) -> FsResult<()> {
+        if is_snapshot_ino(ino) {
+            return Ok(());
+        }
         let rec = self.inode(ino)?;
         if rec.kind != Kind::File {
             return Ok(self.kv.sync_wal()?);
@@ -1074,30 +1097,40 @@ impl Namespace {
     ) -> FsResult<(Vec<(u64, Extent)>, u64)> {
         let mut txn = Txn::new(sync);
         let mut logical: i64 = 0;
+        // Versions are staged under the commit lock: a snapshot taken in between would
+        // change which superseded versions must be kept.
+        let mut commit = self.commit.lock();
+        let new_offsets: std::collections::HashSet<u64> =
+            chunks.iter().map(|(off, _)| *off).collect();
         let removed = sealed
             .plan
             .removed
             .iter()
             .filter_map(|off| st.extents.get(off).map(|e| (*off, *e)));
+        let mut retired = std::collections::HashSet::new();
         for (off, e) in removed.chain(sealed.released.iter().copied()) {
-            txn.batch
-                .delete(&self.kv, Cf::Extent, &key::extent(ino, off, e.birth));
-            txn.release(e.chunk);
+            let replaced = new_offsets.contains(&off);
+            if self.retire_extent(&mut txn, ino, off, e.birth, st.container, replaced)? {
+                txn.release(e.chunk);
+            }
+            retired.insert(off);
             logical -= e.len as i64;
         }
         let live = self.live_epoch(st.container);
         let mut new_extents = Vec::with_capacity(prepared.len());
         for ((off, _), p) in chunks.iter().zip(prepared) {
-            txn.batch.put(
-                &self.kv,
-                Cf::Extent,
-                &key::extent(ino, *off, live),
-                &ExtentRecord {
-                    chunk: p.id,
-                    len: p.len,
-                }
-                .encode(),
-            );
+            let rec = ExtentRecord {
+                chunk: p.id,
+                len: p.len,
+            };
+            self.put_extent(
+                &mut txn,
+                ino,
+                *off,
+                st.container,
+                &rec,
+                retired.contains(off),
+            )?;
             logical += p.len as i64;
             new_extents.push((
                 *off,
@@ -1111,7 +1144,6 @@ impl Namespace {
         }
         let data_bytes = (st.data_bytes as i64 + logical).max(0) as u64;
 
-        let mut commit = self.commit.lock();
         let (mut rec, _) = self.read_inode(ino)?.ok_or(FsError::NotFound)?;
         rec.size = disk_size;
         rec.data_bytes = data_bytes;
@@ -1122,7 +1154,7 @@ impl Namespace {
         if let Some(patch) = patch {
             patch(&mut rec)?;
         }
-        self.put_inode(&mut txn, ino, &rec);
+        self.put_inode(&mut txn, ino, &rec)?;
         txn.count(st.container, |d| d.logical_bytes += logical);
         let compression = self.store.config.compression;
         let encode_missing = |id: &ChunkId| {

@@ -10,6 +10,7 @@
 mod container;
 mod file;
 mod ops;
+mod snapshot;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,6 +22,11 @@ use serde::{Deserialize, Serialize};
 pub use container::{ContainerInfo, ContainerRecord};
 pub use file::OpenFile;
 pub use ops::{DirEntry, SetAttr, StatFs};
+pub(crate) use snapshot::View;
+pub use snapshot::{
+    check_snapshot_name, is_snapshot_ino, SnapshotDeleted, SnapshotInfo, SnapshotRecord,
+    SNAPSHOTS_DIR,
+};
 
 use crate::chunk_store::{ChunkError, ChunkStore};
 use crate::chunking;
@@ -180,6 +186,7 @@ pub(crate) struct CommitState {
     pub counters: Counters,
     pub next_ino: u64,
     pub next_container: u32,
+    pub next_snapshot: u32,
 }
 
 /// Default size of the decompressed-chunk cache.
@@ -191,6 +198,10 @@ pub struct Namespace {
     pub chunks: ChunkStore,
     pub(crate) commit: Mutex<CommitState>,
     pub(crate) containers: RwLock<HashMap<ContainerId, ContainerRecord>>,
+    /// Every snapshot, by container and epoch.
+    pub(crate) snapshots: RwLock<std::collections::BTreeMap<(ContainerId, Epoch), SnapshotRecord>>,
+    /// Snapshot files open for reading, by view inode, with their handle counts.
+    pub(crate) snap_files: Mutex<HashMap<InodeNo, (Arc<snapshot::SnapFile>, u32)>>,
     /// Open files with their handle counts.
     pub(crate) open_files: Mutex<HashMap<InodeNo, (Arc<OpenFile>, u32)>>,
     pub io: IoCounters,
@@ -391,8 +402,11 @@ impl Namespace {
                 counters,
                 next_ino,
                 next_container,
+                next_snapshot: 1,
             }),
             containers: RwLock::new(HashMap::new()),
+            snapshots: RwLock::new(std::collections::BTreeMap::new()),
+            snap_files: Mutex::new(HashMap::new()),
             open_files: Mutex::new(HashMap::new()),
             io: IoCounters::default(),
             me: std::sync::OnceLock::new(),
@@ -406,6 +420,7 @@ impl Namespace {
             .started_ns
             .store(now_ns().max(0) as u64, Ordering::Relaxed);
         ns.load_containers()?;
+        ns.commit.lock().next_snapshot = ns.load_snapshots()?;
         ns.ensure_root()?;
         ns.reclaim_orphans()?;
         Ok(ns)
@@ -674,21 +689,7 @@ impl Namespace {
     /// Newest version of the object `prefix` in `cf` (the live view), with its birth epoch.
     /// `None` when there is none or the newest is a tombstone.
     pub(crate) fn read_newest(&self, cf: Cf, prefix: &[u8]) -> FsResult<Option<(Vec<u8>, Epoch)>> {
-        for item in self.kv.scan_prefix(cf, prefix) {
-            let (k, v) = item?;
-            // Longer keys with this prefix belong to other objects (other names).
-            if k.len() != prefix.len() + 8 {
-                continue;
-            }
-            let Some((_, birth)) = key::split_versioned(&k) else {
-                continue;
-            };
-            if format::is_tombstone(&v) {
-                return Ok(None);
-            }
-            return Ok(Some((v.to_vec(), birth)));
-        }
-        Ok(None)
+        self.read_at(cf, prefix, None)
     }
 
     pub(crate) fn read_inode(&self, ino: InodeNo) -> FsResult<Option<(InodeRecord, Epoch)>> {
@@ -723,15 +724,23 @@ impl Namespace {
             .unwrap_or(Epoch::FIRST)
     }
 
-    /// Stages `rec` as the live version of `ino`, replacing the current live version.
-    pub(crate) fn put_inode(&self, txn: &mut Txn, ino: InodeNo, rec: &InodeRecord) {
-        let e = self.live_epoch(rec.container);
-        txn.batch
-            .put(&self.kv, Cf::Inode, &key::inode(ino, e), &rec.encode());
+    /// Stages `rec` as the live version of `ino`, superseding the current one.
+    pub(crate) fn put_inode(&self, txn: &mut Txn, ino: InodeNo, rec: &InodeRecord) -> FsResult<()> {
+        self.stage_version(
+            txn,
+            Cf::Inode,
+            &key::inode_prefix(ino),
+            rec.container,
+            Some(&rec.encode()),
+        )?;
+        Ok(())
     }
 
     /// Attributes including pending writes of an open file.
     pub fn getattr(&self, ino: InodeNo) -> FsResult<Attr> {
+        if is_snapshot_ino(ino) {
+            return self.view_getattr(View::of(ino));
+        }
         let mut rec = self.inode(ino)?;
         let open = self.open_files.lock().get(&ino).map(|e| e.0.clone());
         if let Some(f) = open {
@@ -773,6 +782,14 @@ impl Namespace {
         self.kv.flush()?;
         result
     }
+}
+
+/// EROFS for an inode of a snapshot view: snapshots are immutable.
+pub(crate) fn writable(ino: InodeNo) -> FsResult<()> {
+    if is_snapshot_ino(ino) {
+        return Err(FsError::ReadOnly);
+    }
+    Ok(())
 }
 
 /// Checks a name for a directory entry or container.

@@ -1,8 +1,8 @@
 //! Metadata operations: lookup, create, link, unlink, rename, setattr, xattrs, statfs.
 
-use super::{check_name, Attr, Caller, FsError, FsResult, Namespace, Txn};
-use crate::format::{self, key, DirentRecord, ExtentRecord, InodeRecord, Kind};
-use crate::ids::{ContainerId, InodeNo};
+use super::{check_name, writable, Attr, Caller, FsError, FsResult, Namespace, Txn, View};
+use crate::format::{self, key, DirentRecord, InodeRecord, Kind};
+use crate::ids::{ContainerId, Epoch, InodeNo};
 use crate::kv::{Cf, Sync};
 use crate::store::now_ns;
 
@@ -48,6 +48,13 @@ impl Namespace {
     pub fn lookup(&self, parent: InodeNo, name: &[u8]) -> FsResult<Attr> {
         if name.len() > format::NAME_MAX {
             return Err(FsError::NameTooLong);
+        }
+        match View::of(parent) {
+            View::Live(_) => {}
+            view => return self.view_lookup(view, name),
+        }
+        if name == super::SNAPSHOTS_DIR && self.inode(parent)?.parent == InodeNo::ROOT {
+            return self.view_getattr(View::SnapshotsDir(parent));
         }
         let entry = self.dirent(parent, name)?.ok_or(FsError::NotFound)?;
         self.getattr(entry.child)
@@ -98,18 +105,29 @@ impl Namespace {
 
     /// Every entry of directory `dir` in name order ("." and ".." not included).
     pub fn readdir(&self, dir: InodeNo) -> FsResult<Vec<DirEntry>> {
+        if let view @ (View::SnapshotsDir(_) | View::Snapshot(..)) = View::of(dir) {
+            return self.view_readdir(view);
+        }
         let rec = self.inode(dir)?;
         if rec.kind != Kind::Dir {
             return Err(FsError::NotDir);
         }
+        self.readdir_at(dir, None)
+    }
+
+    /// Entries of `dir` as they were at epoch `at` (the live ones when `None`).
+    pub(crate) fn readdir_at(&self, dir: InodeNo, at: Option<Epoch>) -> FsResult<Vec<DirEntry>> {
         let mut out = Vec::new();
         let mut last: Option<Vec<u8>> = None;
         for item in self.kv.scan_prefix(Cf::Dirent, &key::dir_prefix(dir)) {
             let (k, v) = item?;
-            let Some((_, name, _)) = key::parse_named(&k) else {
+            let Some((_, name, birth)) = key::parse_named(&k) else {
                 tracing::error!("directory {dir}: malformed entry key {}", hex::encode(&k));
                 continue;
             };
+            if at.is_some_and(|e| birth > e) {
+                continue;
+            }
             // Versions of one name are adjacent, newest first: only the first counts.
             if last.as_deref() == Some(name) {
                 continue;
@@ -161,6 +179,7 @@ impl Namespace {
         target: &[u8],
         caller: Caller,
     ) -> FsResult<Attr> {
+        writable(parent)?;
         check_name(name)?;
         if parent == InodeNo::ROOT && kind == Kind::Dir {
             let rec = self.create_container(
@@ -179,7 +198,7 @@ impl Namespace {
         }
         let mut st = self.commit.lock();
         let mut dir = self.dir_for_change(parent, caller)?;
-        if self.dirent(parent, name)?.is_some() {
+        if self.dirent(parent, name)?.is_some() || is_reserved(&dir, name) {
             return Err(FsError::Exists);
         }
         let mut txn = Txn::new(Sync::Process);
@@ -225,20 +244,20 @@ impl Namespace {
                 Vec::new()
             },
         };
-        self.put_inode(&mut txn, ino, &rec);
-        let e = self.live_epoch(dir.container);
-        txn.batch.put(
-            &self.kv,
+        self.put_inode(&mut txn, ino, &rec)?;
+        self.stage_version(
+            &mut txn,
             Cf::Dirent,
-            &key::dirent(parent, name, e),
-            &DirentRecord { child: ino, kind }.encode(),
-        );
+            &key::dirent_prefix(parent, name),
+            dir.container,
+            Some(&DirentRecord { child: ino, kind }.encode()),
+        )?;
         if kind == Kind::Dir {
             dir.nlink += 1;
         }
         dir.mtime = now;
         dir.ctime = now;
-        self.put_inode(&mut txn, parent, &dir);
+        self.put_inode(&mut txn, parent, &dir)?;
         txn.count(dir.container, |d| match kind {
             Kind::Dir => d.dirs += 1,
             Kind::File => d.files += 1,
@@ -249,7 +268,7 @@ impl Namespace {
     }
 
     pub fn readlink(&self, ino: InodeNo) -> FsResult<Vec<u8>> {
-        let rec = self.inode(ino)?;
+        let rec = self.getattr(ino)?.rec;
         if rec.kind != Kind::Symlink {
             return Err(FsError::Invalid);
         }
@@ -263,6 +282,8 @@ impl Namespace {
         name: &[u8],
         caller: Caller,
     ) -> FsResult<Attr> {
+        writable(ino)?;
+        writable(parent)?;
         check_name(name)?;
         let mut st = self.commit.lock();
         let mut rec = self.inode(ino)?;
@@ -273,7 +294,7 @@ impl Namespace {
         if dir.container != rec.container {
             return Err(FsError::CrossDevice);
         }
-        if self.dirent(parent, name)?.is_some() {
+        if self.dirent(parent, name)?.is_some() || is_reserved(&dir, name) {
             return Err(FsError::Exists);
         }
         if rec.nlink == 0 {
@@ -283,21 +304,23 @@ impl Namespace {
         let mut txn = Txn::new(Sync::Process);
         rec.nlink += 1;
         rec.ctime = now;
-        self.put_inode(&mut txn, ino, &rec);
-        let e = self.live_epoch(dir.container);
-        txn.batch.put(
-            &self.kv,
+        self.put_inode(&mut txn, ino, &rec)?;
+        self.stage_version(
+            &mut txn,
             Cf::Dirent,
-            &key::dirent(parent, name, e),
-            &DirentRecord {
-                child: ino,
-                kind: rec.kind,
-            }
-            .encode(),
-        );
+            &key::dirent_prefix(parent, name),
+            dir.container,
+            Some(
+                &DirentRecord {
+                    child: ino,
+                    kind: rec.kind,
+                }
+                .encode(),
+            ),
+        )?;
         dir.mtime = now;
         dir.ctime = now;
-        self.put_inode(&mut txn, parent, &dir);
+        self.put_inode(&mut txn, parent, &dir)?;
         self.apply(&mut st, txn, &|_| None)?;
         drop(st);
         self.getattr(ino)
@@ -324,6 +347,7 @@ impl Namespace {
         caller: Caller,
         dir_wanted: bool,
     ) -> FsResult<()> {
+        writable(parent)?;
         let mut st = self.commit.lock();
         if parent == InodeNo::ROOT {
             // Containers go only through `dedupfs container delete`, which asks for --force.
@@ -343,13 +367,13 @@ impl Namespace {
         }
         let now = now_ns();
         let mut txn = Txn::new(Sync::Process);
-        self.stage_entry_delete(&mut txn, parent, name, dir.container);
+        self.stage_entry_delete(&mut txn, parent, name, dir.container)?;
         if rec.kind == Kind::Dir {
             dir.nlink = dir.nlink.saturating_sub(1);
         }
         dir.mtime = now;
         dir.ctime = now;
-        self.put_inode(&mut txn, parent, &dir);
+        self.put_inode(&mut txn, parent, &dir)?;
         self.stage_unref_inode(&mut txn, entry.child, &mut rec, now)?;
         self.apply(&mut st, txn, &|_| None)
     }
@@ -360,10 +384,15 @@ impl Namespace {
         parent: InodeNo,
         name: &[u8],
         container: ContainerId,
-    ) {
-        let e = self.live_epoch(container);
-        txn.batch
-            .delete(&self.kv, Cf::Dirent, &key::dirent(parent, name, e));
+    ) -> FsResult<()> {
+        self.stage_version(
+            txn,
+            Cf::Dirent,
+            &key::dirent_prefix(parent, name),
+            container,
+            None,
+        )?;
+        Ok(())
     }
 
     /// Drops one link to `ino`. At zero links the inode goes, or, while it is open, goes on
@@ -379,7 +408,7 @@ impl Namespace {
         if !last {
             rec.nlink -= 1;
             rec.ctime = now;
-            self.put_inode(txn, ino, rec);
+            self.put_inode(txn, ino, rec)?;
             return Ok(());
         }
         rec.nlink = 0;
@@ -391,7 +420,7 @@ impl Namespace {
             _ => {}
         });
         if self.open_files.lock().contains_key(&ino) {
-            self.put_inode(txn, ino, rec);
+            self.put_inode(txn, ino, rec)?;
             txn.batch.put(&self.kv, Cf::Meta, &key::orphan(ino), b"");
             Ok(())
         } else {
@@ -402,28 +431,12 @@ impl Namespace {
     /// Stages deletion of an inode's record, extents (releasing their chunks), xattrs and
     /// orphan entry. Its directory entries are the caller's business.
     pub(crate) fn stage_purge(&self, txn: &mut Txn, ino: InodeNo) -> FsResult<()> {
-        let container = self.read_inode(ino)?.map(|(r, _)| r.container);
-        for item in self.kv.scan_prefix(Cf::Inode, &key::inode_prefix(ino)) {
-            let (k, _) = item?;
-            txn.batch.delete(&self.kv, Cf::Inode, &k);
-        }
-        let mut logical = 0i64;
-        for item in self.kv.scan_prefix(Cf::Extent, &key::extents_prefix(ino)) {
-            let (k, v) = item?;
-            txn.batch.delete(&self.kv, Cf::Extent, &k);
-            if let Some(ext) = ExtentRecord::decode(&v) {
-                txn.release(ext.chunk);
-                logical += ext.len as i64;
-            }
-        }
-        for item in self.kv.scan_prefix(Cf::Xattr, &key::inode_prefix(ino)) {
-            let (k, _) = item?;
-            txn.batch.delete(&self.kv, Cf::Xattr, &k);
-        }
         txn.batch.delete(&self.kv, Cf::Meta, &key::orphan(ino));
-        if let Some(c) = container {
-            txn.count(c, |d| d.logical_bytes -= logical);
-        }
+        let Some((rec, _)) = self.read_inode(ino)? else {
+            return Ok(());
+        };
+        let logical = self.stage_purge_versions(txn, ino, rec.container)?;
+        txn.count(rec.container, |d| d.logical_bytes -= logical);
         Ok(())
     }
 
@@ -471,6 +484,8 @@ impl Namespace {
         exchange: bool,
         caller: Caller,
     ) -> FsResult<()> {
+        writable(parent)?;
+        writable(new_parent)?;
         check_name(new_name)?;
         if noreplace && exchange {
             return Err(FsError::Invalid);
@@ -503,13 +518,21 @@ impl Namespace {
         if moved.kind == Kind::Dir && self.is_ancestor(entry.child, new_parent)? {
             return Err(FsError::Invalid);
         }
+        if is_reserved(&dst_dir, new_name) {
+            return Err(FsError::Exists);
+        }
         let now = now_ns();
         let container = src_dir.container;
-        let e = self.live_epoch(container);
         let mut txn = Txn::new(Sync::Process);
         let put_entry = |txn: &mut Txn, dir: InodeNo, n: &[u8], d: DirentRecord| {
-            txn.batch
-                .put(&self.kv, Cf::Dirent, &key::dirent(dir, n, e), &d.encode());
+            self.stage_version(
+                txn,
+                Cf::Dirent,
+                &key::dirent_prefix(dir, n),
+                container,
+                Some(&d.encode()),
+            )
+            .map(|_| ())
         };
         let same_dir = parent == new_parent;
         if exchange {
@@ -519,8 +542,8 @@ impl Namespace {
             if other_rec.kind == Kind::Dir && self.is_ancestor(other.child, parent)? {
                 return Err(FsError::Invalid);
             }
-            put_entry(&mut txn, parent, name, other);
-            put_entry(&mut txn, new_parent, new_name, entry);
+            put_entry(&mut txn, parent, name, other)?;
+            put_entry(&mut txn, new_parent, new_name, entry)?;
             if !same_dir {
                 if moved.kind == Kind::Dir {
                     moved.parent = new_parent;
@@ -534,7 +557,7 @@ impl Namespace {
                 }
             }
             other_rec.ctime = now;
-            self.put_inode(&mut txn, other.child, &other_rec);
+            self.put_inode(&mut txn, other.child, &other_rec)?;
         } else {
             if let Some(t) = target {
                 if noreplace {
@@ -559,9 +582,8 @@ impl Namespace {
                 }
                 self.stage_unref_inode(&mut txn, t.child, &mut trec, now)?;
             }
-            txn.batch
-                .delete(&self.kv, Cf::Dirent, &key::dirent(parent, name, e));
-            put_entry(&mut txn, new_parent, new_name, entry);
+            self.stage_entry_delete(&mut txn, parent, name, container)?;
+            put_entry(&mut txn, new_parent, new_name, entry)?;
             if moved.kind == Kind::Dir && !same_dir {
                 moved.parent = new_parent;
                 src_dir.nlink -= 1;
@@ -569,17 +591,17 @@ impl Namespace {
             }
         }
         moved.ctime = now;
-        self.put_inode(&mut txn, entry.child, &moved);
+        self.put_inode(&mut txn, entry.child, &moved)?;
         src_dir.mtime = now;
         src_dir.ctime = now;
         dst_dir.mtime = now;
         dst_dir.ctime = now;
         if same_dir {
             // One directory: every change of a same-directory rename went to `dst_dir`.
-            self.put_inode(&mut txn, parent, &dst_dir);
+            self.put_inode(&mut txn, parent, &dst_dir)?;
         } else {
-            self.put_inode(&mut txn, parent, &src_dir);
-            self.put_inode(&mut txn, new_parent, &dst_dir);
+            self.put_inode(&mut txn, parent, &src_dir)?;
+            self.put_inode(&mut txn, new_parent, &dst_dir)?;
         }
         self.apply(&mut st, txn, &|_| None)
     }
@@ -603,6 +625,7 @@ impl Namespace {
     }
 
     pub fn setattr(&self, ino: InodeNo, set: &SetAttr, caller: Caller) -> FsResult<Attr> {
+        writable(ino)?;
         if ino == InodeNo::ROOT {
             return Err(FsError::NotPermitted);
         }
@@ -628,7 +651,7 @@ impl Namespace {
         let now = now_ns();
         apply_setattr(&mut rec, set, caller, now)?;
         let mut txn = Txn::new(Sync::Process);
-        self.put_inode(&mut txn, ino, &rec);
+        self.put_inode(&mut txn, ino, &rec)?;
         self.apply(&mut st, txn, &|_| None)?;
         drop(st);
         self.getattr(ino)
@@ -643,6 +666,7 @@ impl Namespace {
         replace: bool,
         caller: Caller,
     ) -> FsResult<()> {
+        writable(ino)?;
         if name.is_empty() || name.contains(&0) {
             return Err(FsError::Invalid);
         }
@@ -669,7 +693,6 @@ impl Namespace {
         if replace && !exists {
             return Err(FsError::NoAttr);
         }
-        let e = self.live_epoch(rec.container);
         let mut txn = Txn::new(Sync::Process);
         let mut store_value = true;
         if name == ACL_ACCESS {
@@ -684,27 +707,42 @@ impl Namespace {
             rec.perm = (rec.perm & 0o7000) | acl.mode_bits();
             if acl.minimal {
                 store_value = false;
-                if let Some((_, birth)) =
-                    self.read_newest(Cf::Xattr, &key::xattr_prefix(ino, name))?
-                {
-                    txn.batch
-                        .delete(&self.kv, Cf::Xattr, &key::xattr(ino, name, birth));
-                }
+                self.stage_version(
+                    &mut txn,
+                    Cf::Xattr,
+                    &key::xattr_prefix(ino, name),
+                    rec.container,
+                    None,
+                )?;
             }
         }
         if store_value {
             let mut v = Vec::with_capacity(value.len() + 1);
             v.push(format::LIVE);
             v.extend_from_slice(value);
-            txn.batch
-                .put(&self.kv, Cf::Xattr, &key::xattr(ino, name, e), &v);
+            self.stage_version(
+                &mut txn,
+                Cf::Xattr,
+                &key::xattr_prefix(ino, name),
+                rec.container,
+                Some(&v),
+            )?;
         }
         rec.ctime = now_ns();
-        self.put_inode(&mut txn, ino, &rec);
+        self.put_inode(&mut txn, ino, &rec)?;
         self.apply(&mut st, txn, &|_| None)
     }
 
     pub fn getxattr(&self, ino: InodeNo, name: &[u8]) -> FsResult<Vec<u8>> {
+        match View::of(ino) {
+            View::Live(_) => {}
+            View::SnapshotsDir(_) => return Err(FsError::NoAttr),
+            View::Snapshot(id, inner) => {
+                self.getattr(ino)?;
+                let at = self.snapshot_epoch(id)?;
+                return self.view_xattr(inner, at, name);
+            }
+        }
         self.inode(ino)?;
         match self.read_newest(Cf::Xattr, &key::xattr_prefix(ino, name))? {
             Some((v, _)) => Ok(v[1..].to_vec()),
@@ -714,14 +752,22 @@ impl Namespace {
 
     /// Attribute names, each followed by a NUL, as listxattr(2) returns them.
     pub fn listxattr(&self, ino: InodeNo) -> FsResult<Vec<u8>> {
-        self.inode(ino)?;
+        self.getattr(ino)?;
+        let (ino, at) = match View::of(ino) {
+            View::Live(_) => (ino, None),
+            View::SnapshotsDir(_) => return Ok(Vec::new()),
+            View::Snapshot(id, inner) => (inner, Some(self.snapshot_epoch(id)?)),
+        };
         let mut out = Vec::new();
         let mut last: Option<Vec<u8>> = None;
         for item in self.kv.scan_prefix(Cf::Xattr, &key::inode_prefix(ino)) {
             let (k, v) = item?;
-            let Some((_, name, _)) = key::parse_named(&k) else {
+            let Some((_, name, birth)) = key::parse_named(&k) else {
                 continue;
             };
+            if at.is_some_and(|e| birth > e) {
+                continue;
+            }
             if last.as_deref() == Some(name) {
                 continue;
             }
@@ -735,19 +781,28 @@ impl Namespace {
     }
 
     pub fn removexattr(&self, ino: InodeNo, name: &[u8], caller: Caller) -> FsResult<()> {
+        writable(ino)?;
         let mut st = self.commit.lock();
         let mut rec = self.inode(ino)?;
         if !caller.is_root() && name.starts_with(b"trusted.") {
             return Err(FsError::NotPermitted);
         }
-        let Some((_, birth)) = self.read_newest(Cf::Xattr, &key::xattr_prefix(ino, name))? else {
+        if self
+            .read_newest(Cf::Xattr, &key::xattr_prefix(ino, name))?
+            .is_none()
+        {
             return Err(FsError::NoAttr);
-        };
+        }
         let mut txn = Txn::new(Sync::Process);
-        txn.batch
-            .delete(&self.kv, Cf::Xattr, &key::xattr(ino, name, birth));
+        self.stage_version(
+            &mut txn,
+            Cf::Xattr,
+            &key::xattr_prefix(ino, name),
+            rec.container,
+            None,
+        )?;
         rec.ctime = now_ns();
-        self.put_inode(&mut txn, ino, &rec);
+        self.put_inode(&mut txn, ino, &rec)?;
         self.apply(&mut st, txn, &|_| None)
     }
 
@@ -858,6 +913,11 @@ pub(crate) fn check_access(rec: &InodeRecord, caller: Caller, want: u16) -> FsRe
 
 /// In a sticky directory only the owner of an entry, of the directory, or root may remove
 /// or rename it.
+/// True for a name that a container root keeps for its snapshots.
+fn is_reserved(dir: &InodeRecord, name: &[u8]) -> bool {
+    dir.parent == InodeNo::ROOT && name == super::SNAPSHOTS_DIR
+}
+
 fn check_sticky(dir: &InodeRecord, rec: &InodeRecord, caller: Caller) -> FsResult<()> {
     if dir.perm & 0o1000 == 0 || caller.is_root() || caller.uid == rec.uid || caller.uid == dir.uid
     {
