@@ -19,6 +19,7 @@ pub mod fuse;
 pub mod ids;
 pub mod kv;
 pub mod namespace;
+pub mod restore;
 pub mod retention;
 pub mod stats;
 pub mod store;

@@ -96,6 +96,21 @@ enum Command {
         #[command(subcommand)]
         command: SnapshotCommand,
     },
+    /// Copy a file or a tree out of a snapshot with its metadata (modes, owners, times,
+    /// xattrs, symlinks, hard links, holes); every chunk is verified. Run it again to
+    /// finish an interrupted restore
+    Restore {
+        /// What to restore: CONTAINER@SNAPSHOT, or CONTAINER@SNAPSHOT:PATH for one file or
+        /// directory inside it
+        source: String,
+        /// Where to put it: the directory (or file) to create or merge into
+        dest: PathBuf,
+        /// Replace files in DEST that differ from the snapshot
+        #[arg(long)]
+        overwrite: bool,
+        #[command(flatten)]
+        store: StoreArg,
+    },
     /// Show space savings and throughput, for the store or one container
     Stats {
         container: Option<String>,
@@ -223,6 +238,77 @@ enum SnapshotCommand {
         #[command(flatten)]
         store: StoreArg,
     },
+}
+
+/// Splits `CONTAINER@SNAPSHOT[:PATH]`.
+fn parse_snapshot_path(spec: &str) -> Result<(String, String, PathBuf)> {
+    let (container, rest) = spec.split_once('@').ok_or_else(|| {
+        anyhow!("{spec:?}: expected CONTAINER@SNAPSHOT or CONTAINER@SNAPSHOT:PATH")
+    })?;
+    let (name, path) = rest.split_once(':').unwrap_or((rest, ""));
+    if container.is_empty() || name.is_empty() {
+        bail!("{spec:?}: expected CONTAINER@SNAPSHOT or CONTAINER@SNAPSHOT:PATH");
+    }
+    let path = PathBuf::from(path.trim_start_matches('/'));
+    Ok((container.to_string(), name.to_string(), path))
+}
+
+fn restore(store: &Path, spec: &str, dest: &Path, overwrite: bool) -> Result<()> {
+    use dedupfs::restore::{self as r, DirSource, RestoreOptions};
+    use std::io::IsTerminal;
+    let (container, name, path) = parse_snapshot_path(spec)?;
+    Store::check(store)?;
+    let list = request(
+        store,
+        Op::SnapshotList {
+            container: Some(container.clone()),
+        },
+    )?;
+    let Some(snap) = list
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["name"].as_str() == Some(name.as_str()))
+        .cloned()
+    else {
+        bail!("snapshot {container}@{name} does not exist");
+    };
+    let opts = RestoreOptions {
+        overwrite,
+        progress: std::io::stderr().is_terminal(),
+        total_bytes: path
+            .as_os_str()
+            .is_empty()
+            .then(|| snap["logical_bytes"].as_u64())
+            .flatten(),
+    };
+    let started = std::time::Instant::now();
+    let stats = match dedupfs::store::mounted_at(store) {
+        // A running mount holds the store: read the snapshot through it.
+        Some(mountpoint) => {
+            let root = mountpoint
+                .join(&container)
+                .join(
+                    std::str::from_utf8(dedupfs::namespace::SNAPSHOTS_DIR).unwrap_or(".snapshots"),
+                )
+                .join(&name);
+            r::restore(&DirSource::new(root), &path, dest, &opts)?
+        }
+        None => {
+            let opened = Store::open(store)?;
+            let ns = Namespace::new(opened, DEFAULT_CACHE_BYTES)
+                .map_err(|e| anyhow!("{}: {e}", store.display()))?;
+            let source = dedupfs::namespace::SnapshotSource::new(ns.clone(), &container, &name)
+                .map_err(|e| anyhow!("snapshot {container}@{name}: {e}"))?;
+            let result = r::restore(&source, &path, dest, &opts);
+            drop(source);
+            ns.shutdown()
+                .map_err(|e| anyhow!("{}: closing: {e}", store.display()))?;
+            result?
+        }
+    };
+    println!("{}", r::summary(&stats, started.elapsed()));
+    Ok(())
 }
 
 fn snapshot(command: SnapshotCommand) -> Result<()> {
@@ -403,6 +489,12 @@ fn run(cli: Cli) -> Result<()> {
         Command::Umount { mountpoint } => daemon::unmount(&mountpoint),
         Command::Container { command } => container(command),
         Command::Snapshot { command } => snapshot(command),
+        Command::Restore {
+            source,
+            dest,
+            overwrite,
+            store,
+        } => restore(&store.path(), &source, &dest, overwrite),
         Command::Stats {
             container,
             json,

@@ -208,6 +208,23 @@ impl Store {
     }
 }
 
+/// What holds the store's lock ("pid N mounted at M"), while something does.
+pub fn holder(path: &Path) -> Option<String> {
+    if !is_locked(path) {
+        return None;
+    }
+    fs::read_to_string(path.join(LOCK_FILE))
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// The mountpoint of the daemon holding the store, if a mount holds it.
+pub fn mounted_at(path: &Path) -> Option<PathBuf> {
+    let holder = holder(path)?;
+    let (_, at) = holder.split_once(" mounted at ")?;
+    Some(PathBuf::from(at))
+}
+
 /// True while some process holds the store's lock.
 pub fn is_locked(path: &Path) -> bool {
     let Ok(file) = File::open(path.join(LOCK_FILE)) else {

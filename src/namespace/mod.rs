@@ -11,6 +11,7 @@ mod container;
 mod file;
 mod ops;
 mod snapshot;
+mod source;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,6 +28,7 @@ pub use snapshot::{
     check_snapshot_name, is_snapshot_ino, SnapshotDeleted, SnapshotInfo, SnapshotRecord,
     SNAPSHOTS_DIR,
 };
+pub use source::SnapshotSource;
 
 use crate::chunk_store::{ChunkError, ChunkStore};
 use crate::chunking;
