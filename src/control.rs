@@ -51,6 +51,13 @@ pub enum Op {
         container: String,
         name: String,
     },
+    /// Serve a snapshot read-only on another mountpoint, from the running daemon.
+    MountSnapshot {
+        container: String,
+        name: String,
+        mountpoint: PathBuf,
+        options: Vec<String>,
+    },
     SnapshotPrune {
         container: String,
         policy: crate::retention::KeepPolicy,
@@ -162,7 +169,9 @@ fn snapshot_error(container: &str, name: &str, e: FsError) -> String {
     match e {
         FsError::NotFound => format!("snapshot {container}@{name} does not exist"),
         FsError::Exists => format!("snapshot {container}@{name} already exists"),
-        FsError::Busy => format!("snapshot {container}@{name} has files open for reading"),
+        FsError::Busy => format!(
+            "snapshot {container}@{name} is in use (mounted, or files open in it); unmount it or close them first"
+        ),
         FsError::Invalid | FsError::NameTooLong => format!(
             "invalid snapshot name {name:?}: it must be a file name (not '.', '..', no '/', '@' or ':', at most {} bytes)",
             crate::format::NAME_MAX
@@ -226,8 +235,16 @@ fn prune(
     )
 }
 
+/// What a running daemon does for [`Op::MountSnapshot`]: (container, snapshot,
+/// mountpoint, options) to a reply.
+pub type SnapshotMounter =
+    Arc<dyn Fn(&str, &str, &Path, &[String]) -> Result<Value, String> + Send + Sync>;
+
 pub fn execute(ns: &Namespace, op: &Op, served_by_mount: bool) -> Result<Value, String> {
     match op {
+        Op::MountSnapshot { .. } => {
+            Err("only a running mount serves snapshot mounts; none holds this store".into())
+        }
         Op::SnapshotCreate { container, name } => ns
             .create_snapshot(container, name.as_deref())
             .map(|s| {
@@ -336,7 +353,7 @@ pub fn call(store: &Path, op: Op) -> Result<Option<Value>, String> {
 }
 
 /// Answers one request line.
-pub fn handle_line(ns: &Namespace, line: &str) -> Reply {
+pub fn handle_line(ns: &Namespace, line: &str, mounter: Option<&SnapshotMounter>) -> Reply {
     let fail = |error: String| Reply {
         ok: false,
         data: None,
@@ -352,7 +369,19 @@ pub fn handle_line(ns: &Namespace, line: &str) -> Reply {
             request.v
         ));
     }
-    match execute(ns, &request.op, true) {
+    let result = match (&request.op, mounter) {
+        (
+            Op::MountSnapshot {
+                container,
+                name,
+                mountpoint,
+                options,
+            },
+            Some(mount),
+        ) => mount(container, name, mountpoint, options),
+        (op, _) => execute(ns, op, true),
+    };
+    match result {
         Ok(data) => Reply {
             ok: true,
             data: Some(data),
@@ -368,7 +397,11 @@ pub struct ControlServer {
 }
 
 impl ControlServer {
-    pub fn start(ns: Arc<Namespace>, store: &Path) -> std::io::Result<ControlServer> {
+    pub fn start(
+        ns: Arc<Namespace>,
+        store: &Path,
+        mounter: Option<SnapshotMounter>,
+    ) -> std::io::Result<ControlServer> {
         let path = store.join(crate::store::CONTROL_SOCKET);
         // We hold the store lock, so a socket file left here is stale.
         let _ = std::fs::remove_file(&path);
@@ -380,9 +413,10 @@ impl ControlServer {
             .spawn(move || {
                 for stream in listener.incoming().flatten() {
                     let ns = ns.clone();
+                    let mounter = mounter.clone();
                     let _ = std::thread::Builder::new()
                         .name("control-conn".into())
-                        .spawn(move || serve(&ns, stream, owner));
+                        .spawn(move || serve(&ns, stream, owner, mounter.as_ref()));
                 }
             })?;
         Ok(ControlServer { path })
@@ -416,7 +450,7 @@ fn peer_uid(stream: &UnixStream) -> Option<u32> {
     (rc == 0).then_some(cred.uid)
 }
 
-fn serve(ns: &Namespace, stream: UnixStream, owner: u32) {
+fn serve(ns: &Namespace, stream: UnixStream, owner: u32, mounter: Option<&SnapshotMounter>) {
     let mut writer = match stream.try_clone() {
         Ok(w) => w,
         Err(_) => return,
@@ -462,7 +496,7 @@ fn serve(ns: &Namespace, stream: UnixStream, owner: u32) {
             );
             return;
         }
-        let reply = handle_line(ns, String::from_utf8_lossy(&line).trim_end());
+        let reply = handle_line(ns, String::from_utf8_lossy(&line).trim_end(), mounter);
         if respond(&mut writer, &reply).is_err() {
             return;
         }

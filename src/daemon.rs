@@ -28,6 +28,97 @@ pub struct MountConfig {
     pub mountpoint: PathBuf,
     pub options: Vec<String>,
     pub cache_bytes: u64,
+    /// `CONTAINER@SNAPSHOT`: mount that snapshot, read-only, instead of the whole store.
+    pub snapshot: Option<String>,
+}
+
+fn snapshot_error(container: &str, name: &str, e: crate::namespace::FsError) -> anyhow::Error {
+    match e {
+        crate::namespace::FsError::NotFound => {
+            anyhow!("snapshot {container}@{name} does not exist")
+        }
+        other => anyhow!("snapshot {container}@{name}: {other}"),
+    }
+}
+
+/// Splits `CONTAINER@SNAPSHOT`.
+pub fn parse_snapshot_spec(spec: &str) -> Result<(String, String)> {
+    match spec.split_once('@') {
+        Some((c, s)) if !c.is_empty() && !s.is_empty() && !s.contains(':') => {
+            Ok((c.to_string(), s.to_string()))
+        }
+        _ => bail!("{spec:?}: expected CONTAINER@SNAPSHOT"),
+    }
+}
+
+/// Snapshot mounts a running daemon serves beside its main mount (`dedupfs mount
+/// --snapshot` while the store is mounted), each on its own FUSE session thread.
+struct SnapshotMounts {
+    ns: Arc<Namespace>,
+    store: PathBuf,
+    sessions:
+        parking_lot::Mutex<Vec<(PathBuf, crate::fuse::Unmounter, std::thread::JoinHandle<()>)>>,
+}
+
+impl SnapshotMounts {
+    fn mount(
+        &self,
+        container: &str,
+        name: &str,
+        mountpoint: &Path,
+        options: &[String],
+    ) -> Result<PathBuf> {
+        let mountpoint = check_mountpoint(mountpoint)?;
+        let fuse_options =
+            MountOptions::parse_snapshot(&self.store, options).map_err(|e| anyhow!(e))?;
+        let (root, id) = self
+            .ns
+            .hold_snapshot(container, name)
+            .map_err(|e| snapshot_error(&container, &name, e))?;
+        let mut session =
+            match FuseSession::mount(self.ns.clone(), &mountpoint, &fuse_options, root) {
+                Ok(s) => s,
+                Err(e) => {
+                    self.ns.release_snapshot(id);
+                    bail!("mounting on {}: {e}", mountpoint.display());
+                }
+            };
+        let unmounter = session.unmounter();
+        let ns = self.ns.clone();
+        let at = mountpoint.clone();
+        let thread = std::thread::Builder::new()
+            .name("snapshot-mount".into())
+            .spawn(move || {
+                if let Err(e) = session.run() {
+                    tracing::error!("snapshot mount on {}: {e}", at.display());
+                }
+                ns.release_snapshot(id);
+                tracing::info!("unmounted snapshot from {}", at.display());
+            })?;
+        tracing::info!(
+            "mounted snapshot {container}@{name} on {}",
+            mountpoint.display()
+        );
+        self.sessions
+            .lock()
+            .push((mountpoint.clone(), unmounter, thread));
+        Ok(mountpoint)
+    }
+
+    /// Unmounts every snapshot mount still up and waits for their sessions.
+    fn unmount_all(&self) {
+        let sessions = std::mem::take(&mut *self.sessions.lock());
+        for (at, mut unmounter, thread) in sessions {
+            if !thread.is_finished() && unmounter.unmount().is_err() {
+                let _ = std::process::Command::new("fusermount3")
+                    .arg("-u")
+                    .arg("-z")
+                    .arg(&at)
+                    .status();
+            }
+            let _ = thread.join();
+        }
+    }
 }
 
 /// Checks that `mountpoint` is an existing directory that nothing is mounted on.
@@ -126,9 +217,33 @@ fn start(cfg: &MountConfig, ready: &mut Ready) -> Result<()> {
     let store_path = store.path.clone();
     let ns = Namespace::new(store, cfg.cache_bytes)
         .map_err(|e| anyhow!("{}: cannot open namespace: {e}", cfg.store.display()))?;
-    let mut session = FuseSession::mount(ns.clone(), &mountpoint, &fuse_options)
+    let (root, fuse_options, held) = match &cfg.snapshot {
+        None => (crate::ids::InodeNo::ROOT, fuse_options, None),
+        Some(spec) => {
+            let (container, name) = parse_snapshot_spec(spec)?;
+            let (root, id) = ns
+                .hold_snapshot(&container, &name)
+                .map_err(|e| snapshot_error(&container, &name, e))?;
+            (root, fuse_options.read_only(), Some(id))
+        }
+    };
+    let mut session = FuseSession::mount(ns.clone(), &mountpoint, &fuse_options, root)
         .with_context(|| format!("mounting on {}", mountpoint.display()))?;
-    let control = ControlServer::start(ns.clone(), &store_path)
+    let snapshot_mounts = Arc::new(SnapshotMounts {
+        ns: ns.clone(),
+        store: store_path.clone(),
+        sessions: parking_lot::Mutex::new(Vec::new()),
+    });
+    let mounter: crate::control::SnapshotMounter = {
+        let mounts = snapshot_mounts.clone();
+        Arc::new(move |container, name, mountpoint, options| {
+            mounts
+                .mount(container, name, mountpoint, options)
+                .map(|at| serde_json::json!({ "mountpoint": at }))
+                .map_err(|e| format!("{e:#}"))
+        })
+    };
+    let control = ControlServer::start(ns.clone(), &store_path, Some(mounter))
         .with_context(|| format!("control socket in {}", store_path.display()))?;
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -178,6 +293,10 @@ fn start(cfg: &MountConfig, ready: &mut Ready) -> Result<()> {
     );
     ready.send("ok\n");
     let result = session.run();
+    snapshot_mounts.unmount_all();
+    if let Some(id) = held {
+        ns.release_snapshot(id);
+    }
     signal_handle.close();
     stop.store(true, Ordering::Release);
     let _ = committer.join();
@@ -218,6 +337,9 @@ pub fn spawn_background(cfg: &MountConfig, log: &Path) -> Result<()> {
         .arg(write_fd.to_string())
         .arg("--cache-size")
         .arg(cfg.cache_bytes.to_string());
+    if let Some(spec) = &cfg.snapshot {
+        cmd.arg("--snapshot").arg(spec);
+    }
     for o in &cfg.options {
         cmd.arg("-o").arg(o);
     }

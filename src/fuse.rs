@@ -34,7 +34,10 @@ const TTL: Duration = Duration::from_secs(10);
 
 /// The TTL for an inode: short for the mount root and container roots.
 fn ttl(a: &Attr) -> &'static Duration {
-    if a.ino == InodeNo::ROOT || a.rec.parent == InodeNo::ROOT {
+    if a.ino == InodeNo::ROOT
+        || a.rec.parent == InodeNo::ROOT
+        || Namespace::changes_outside_mount(a.ino)
+    {
         &ROOT_TTL
     } else {
         &TTL
@@ -57,10 +60,29 @@ impl MountOptions {
     /// Parses comma-separated `-o` options. `default_permissions` is always on: the kernel
     /// checks permissions against modes.
     pub fn parse(store: &Path, options: &[String]) -> Result<MountOptions, String> {
+        Self::parse_named(format!("dedupfs:{}", store.display()), options)
+    }
+
+    /// Options of a snapshot mount that the store's running daemon serves beside its main
+    /// mount: read-only, and named so that `dedupfs umount` does not wait for the daemon to
+    /// release the store.
+    pub fn parse_snapshot(store: &Path, options: &[String]) -> Result<MountOptions, String> {
+        let mut o = Self::parse_named(format!("dedupfs-snapshot:{}", store.display()), options)?;
+        o.config.mount_options.push(fuser::MountOption::RO);
+        Ok(o)
+    }
+
+    /// Adds `ro`.
+    pub fn read_only(mut self) -> MountOptions {
+        self.config.mount_options.push(fuser::MountOption::RO);
+        self
+    }
+
+    fn parse_named(fsname: String, options: &[String]) -> Result<MountOptions, String> {
         use fuser::MountOption as M;
         let mut config = fuser::Config::default();
         let mut opts = vec![
-            M::FSName(format!("dedupfs:{}", store.display())),
+            M::FSName(fsname),
             M::Subtype("dedupfs".into()),
             M::DefaultPermissions,
         ];
@@ -115,12 +137,15 @@ impl Unmounter {
 }
 
 impl FuseSession {
+    /// Mounts the namespace with `root` as the mount's root directory: the mount root
+    /// (`InodeNo::ROOT`), or a snapshot's root for a restore mount.
     pub fn mount(
         ns: Arc<Namespace>,
         mountpoint: &Path,
         options: &MountOptions,
+        root: InodeNo,
     ) -> std::io::Result<FuseSession> {
-        let fs = DedupFs::new(ns);
+        let fs = DedupFs::new(ns, root);
         let notifier = fs.notifier.clone();
         let session = fuser::Session::new(fs, mountpoint, &options.config)?;
         let _ = notifier.set(session.notifier());
@@ -145,15 +170,37 @@ pub struct DedupFs {
     /// a listing resumes in O(1) however large the directory.
     dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
     next_fh: AtomicU64,
+    /// The namespace inode the kernel sees as the mount's root (node 1): the mount root,
+    /// or a snapshot's root for a restore mount.
+    root: InodeNo,
 }
 
 impl DedupFs {
-    pub fn new(ns: Arc<Namespace>) -> DedupFs {
+    pub fn new(ns: Arc<Namespace>, root: InodeNo) -> DedupFs {
         DedupFs {
             ns,
+            root,
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             notifier: Arc::new(std::sync::OnceLock::new()),
+        }
+    }
+
+    /// The namespace inode of a kernel node id.
+    fn ino(&self, i: INodeNo) -> InodeNo {
+        if i.0 == 1 {
+            self.root
+        } else {
+            InodeNo(i.0)
+        }
+    }
+
+    /// The kernel node id of a namespace inode.
+    fn fuse_ino(&self, ino: InodeNo) -> INodeNo {
+        if ino == self.root {
+            INodeNo(1)
+        } else {
+            INodeNo(ino.0)
         }
     }
 
@@ -216,10 +263,10 @@ fn file_type(kind: Kind) -> FileType {
     }
 }
 
-fn file_attr(a: &Attr) -> FileAttr {
+fn file_attr(ino: INodeNo, a: &Attr) -> FileAttr {
     let r = &a.rec;
     FileAttr {
-        ino: INodeNo(a.ino.0),
+        ino,
         size: r.size,
         blocks: a.blocks(),
         atime: time(r.atime),
@@ -258,10 +305,6 @@ fn negative_entry() -> FileAttr {
     }
 }
 
-fn ino(i: INodeNo) -> InodeNo {
-    InodeNo(i.0)
-}
-
 fn opt_time(t: Option<TimeOrNow>) -> Option<Option<i64>> {
     t.map(|t| match t {
         TimeOrNow::Now => None,
@@ -272,7 +315,11 @@ fn opt_time(t: Option<TimeOrNow>) -> Option<Option<i64>> {
 impl DedupFs {
     fn reply_entry(&self, result: Result<Attr, FsError>, reply: ReplyEntry) {
         match result {
-            Ok(a) => reply.entry(ttl(&a), &file_attr(&a), Generation(a.rec.generation)),
+            Ok(a) => reply.entry(
+                ttl(&a),
+                &file_attr(self.fuse_ino(a.ino), &a),
+                Generation(a.rec.generation),
+            ),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -306,12 +353,12 @@ impl Filesystem for DedupFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.ns.lookup(ino(parent), name.as_bytes()) {
+        match self.ns.lookup(self.ino(parent), name.as_bytes()) {
             // Inside a container a missing name can be cached as a negative entry (node id
             // 0): only this mount creates names there, and the kernel drops the negative
             // entry when it does. Not at the root, where containers come and go through
             // the control socket.
-            Err(FsError::NotFound) if ino(parent) != InodeNo::ROOT => {
+            Err(FsError::NotFound) if !Namespace::changes_outside_mount(self.ino(parent)) => {
                 reply.entry(&TTL, &negative_entry(), Generation(0));
             }
             result => self.reply_entry(result, reply),
@@ -319,8 +366,8 @@ impl Filesystem for DedupFs {
     }
 
     fn getattr(&self, _req: &Request, i: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.ns.getattr(ino(i)) {
-            Ok(a) => reply.attr(ttl(&a), &file_attr(&a)),
+        match self.ns.getattr(self.ino(i)) {
+            Ok(a) => reply.attr(ttl(&a), &file_attr(self.fuse_ino(a.ino), &a)),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -358,14 +405,14 @@ impl Filesystem for DedupFs {
             Some(_) if mode.is_none() && uid.is_none() && gid.is_none() => Caller::ROOT,
             _ => caller(req),
         };
-        match self.ns.setattr(ino(i), &set, who) {
-            Ok(a) => reply.attr(ttl(&a), &file_attr(&a)),
+        match self.ns.setattr(self.ino(i), &set, who) {
+            Ok(a) => reply.attr(ttl(&a), &file_attr(self.fuse_ino(a.ino), &a)),
             Err(e) => reply.error(errno(e)),
         }
     }
 
     fn readlink(&self, _req: &Request, i: INodeNo, reply: ReplyData) {
-        match self.ns.readlink(ino(i)) {
+        match self.ns.readlink(self.ino(i)) {
             Ok(t) => reply.data(&t),
             Err(e) => reply.error(errno(e)),
         }
@@ -392,7 +439,7 @@ impl Filesystem for DedupFs {
         let perm = (mode & !umask & 0o7777) as u16;
         self.reply_entry(
             self.ns.make_node(
-                ino(parent),
+                self.ino(parent),
                 name.as_bytes(),
                 kind,
                 perm,
@@ -416,7 +463,7 @@ impl Filesystem for DedupFs {
         let perm = (mode & !umask & 0o7777) as u16;
         self.reply_entry(
             self.ns.make_node(
-                ino(parent),
+                self.ino(parent),
                 name.as_bytes(),
                 Kind::Dir,
                 perm,
@@ -430,14 +477,16 @@ impl Filesystem for DedupFs {
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         Self::reply_empty(
-            self.ns.unlink(ino(parent), name.as_bytes(), caller(req)),
+            self.ns
+                .unlink(self.ino(parent), name.as_bytes(), caller(req)),
             reply,
         );
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         Self::reply_empty(
-            self.ns.rmdir(ino(parent), name.as_bytes(), caller(req)),
+            self.ns
+                .rmdir(self.ino(parent), name.as_bytes(), caller(req)),
             reply,
         );
     }
@@ -452,7 +501,7 @@ impl Filesystem for DedupFs {
     ) {
         self.reply_entry(
             self.ns.make_node(
-                ino(parent),
+                self.ino(parent),
                 link_name.as_bytes(),
                 Kind::Symlink,
                 0o777,
@@ -480,9 +529,9 @@ impl Filesystem for DedupFs {
         }
         Self::reply_empty(
             self.ns.rename(
-                ino(parent),
+                self.ino(parent),
                 name.as_bytes(),
-                ino(newparent),
+                self.ino(newparent),
                 newname.as_bytes(),
                 flags.contains(RenameFlags::RENAME_NOREPLACE),
                 flags.contains(RenameFlags::RENAME_EXCHANGE),
@@ -501,14 +550,18 @@ impl Filesystem for DedupFs {
         reply: ReplyEntry,
     ) {
         self.reply_entry(
-            self.ns
-                .link(ino(i), ino(newparent), newname.as_bytes(), caller(req)),
+            self.ns.link(
+                self.ino(i),
+                self.ino(newparent),
+                newname.as_bytes(),
+                caller(req),
+            ),
             reply,
         );
     }
 
     fn open(&self, _req: &Request, i: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.ns.open(ino(i)) {
+        match self.ns.open(self.ino(i)) {
             Ok(_) => reply.opened(FileHandle(self.new_fh()), OPEN_FLAGS),
             Err(e) => reply.error(errno(e)),
         }
@@ -525,7 +578,7 @@ impl Filesystem for DedupFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.ns.read(ino(i), offset, size) {
+        match self.ns.read(self.ino(i), offset, size) {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(errno(e)),
         }
@@ -543,7 +596,7 @@ impl Filesystem for DedupFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.ns.write(ino(i), offset, data) {
+        match self.ns.write(self.ino(i), offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(e)),
         }
@@ -557,7 +610,7 @@ impl Filesystem for DedupFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        Self::reply_empty(self.ns.flush(ino(i)), reply);
+        Self::reply_empty(self.ns.flush(self.ino(i)), reply);
     }
 
     fn release(
@@ -570,7 +623,7 @@ impl Filesystem for DedupFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        Self::reply_empty(self.ns.release(ino(i)), reply);
+        Self::reply_empty(self.ns.release(self.ino(i)), reply);
     }
 
     fn fsync(
@@ -581,11 +634,11 @@ impl Filesystem for DedupFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        Self::reply_empty(self.ns.fsync(ino(i)), reply);
+        Self::reply_empty(self.ns.fsync(self.ino(i)), reply);
     }
 
     fn opendir(&self, _req: &Request, i: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.ns.readdir(ino(i)) {
+        match self.ns.readdir(self.ino(i)) {
             Ok(entries) => {
                 let fh = self.new_fh();
                 self.dirs.lock().insert(fh, Arc::new(entries));
@@ -620,10 +673,10 @@ impl Filesystem for DedupFs {
         if next == 1 {
             let parent = self
                 .ns
-                .getattr(ino(i))
+                .getattr(self.ino(i))
                 .map(|a| a.rec.parent.0)
                 .ok()
-                .filter(|p| *p != 0)
+                .filter(|p| *p != 0 && i.0 != 1)
                 .unwrap_or(i.0);
             if reply.add(INodeNo(parent), 2, FileType::Directory, "..") {
                 reply.ok();
@@ -634,7 +687,7 @@ impl Filesystem for DedupFs {
         let start = (next - 2) as usize;
         for (n, e) in entries.iter().enumerate().skip(start) {
             if reply.add(
-                INodeNo(e.ino.0),
+                self.fuse_ino(e.ino),
                 n as u64 + 3,
                 file_type(e.kind),
                 OsStr::from_bytes(&e.name),
@@ -688,7 +741,7 @@ impl Filesystem for DedupFs {
         reply: ReplyEmpty,
     ) {
         let result = self.ns.setxattr(
-            ino(i),
+            self.ino(i),
             name.as_bytes(),
             value,
             flags & libc::XATTR_CREATE != 0,
@@ -703,23 +756,24 @@ impl Filesystem for DedupFs {
     }
 
     fn getxattr(&self, _req: &Request, i: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        Self::reply_xattr(self.ns.getxattr(ino(i), name.as_bytes()), size, reply);
+        Self::reply_xattr(self.ns.getxattr(self.ino(i), name.as_bytes()), size, reply);
     }
 
     fn listxattr(&self, _req: &Request, i: INodeNo, size: u32, reply: ReplyXattr) {
-        Self::reply_xattr(self.ns.listxattr(ino(i)), size, reply);
+        Self::reply_xattr(self.ns.listxattr(self.ino(i)), size, reply);
     }
 
     fn removexattr(&self, req: &Request, i: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         Self::reply_empty(
-            self.ns.removexattr(ino(i), name.as_bytes(), caller(req)),
+            self.ns
+                .removexattr(self.ino(i), name.as_bytes(), caller(req)),
             reply,
         );
     }
 
     fn access(&self, _req: &Request, i: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
         // Permission checks are the kernel's (default_permissions); existence is ours.
-        Self::reply_empty(self.ns.getattr(ino(i)).map(|_| ()), reply);
+        Self::reply_empty(self.ns.getattr(self.ino(i)).map(|_| ()), reply);
     }
 
     fn create(
@@ -735,12 +789,12 @@ impl Filesystem for DedupFs {
         let perm = (mode & !umask & 0o7777) as u16;
         let created = self
             .ns
-            .create_file(ino(parent), name.as_bytes(), perm, caller(req))
+            .create_file(self.ino(parent), name.as_bytes(), perm, caller(req))
             .and_then(|a| self.ns.open(a.ino).map(|_| a));
         match created {
             Ok(a) => reply.created(
                 ttl(&a),
-                &file_attr(&a),
+                &file_attr(self.fuse_ino(a.ino), &a),
                 Generation(a.rec.generation),
                 FileHandle(self.new_fh()),
                 OPEN_FLAGS,

@@ -80,6 +80,10 @@ enum Command {
         /// Memory for decompressed chunks (e.g. 128M)
         #[arg(long, default_value = "128M")]
         cache_size: String,
+        /// Mount one snapshot, read-only, as CONTAINER@SNAPSHOT (for file-level restore).
+        /// Works also while the store is mounted: the running mount then serves it
+        #[arg(long, value_name = "CONTAINER@SNAPSHOT")]
+        snapshot: Option<String>,
         /// Internal: pipe on which a background child reports readiness
         #[arg(long, hide = true)]
         ready_fd: Option<i32>,
@@ -465,16 +469,39 @@ fn run(cli: Cli) -> Result<()> {
             options,
             foreground,
             cache_size,
+            snapshot,
             ready_fd,
         } => {
             let cache_bytes = parse_size(&cache_size)?;
             let store = std::fs::canonicalize(&store)
                 .map_err(|e| anyhow!("store {}: {e}", store.display()))?;
+            if let (Some(spec), None) = (&snapshot, ready_fd) {
+                let (container, name) = daemon::parse_snapshot_spec(spec)?;
+                Store::check(&store)?;
+                if dedupfs::store::is_locked(&store) {
+                    // The store's daemon serves the snapshot beside its main mount.
+                    let mountpoint = daemon::check_mountpoint(&mountpoint)?;
+                    let op = Op::MountSnapshot {
+                        container,
+                        name,
+                        mountpoint,
+                        options,
+                    };
+                    match control::call(&store, op).map_err(|e| anyhow!(e))? {
+                        Some(_) => return Ok(()),
+                        None => bail!(
+                            "{} is in use but its daemon does not answer on its control socket",
+                            store.display()
+                        ),
+                    }
+                }
+            }
             let cfg = MountConfig {
                 store: store.clone(),
                 mountpoint,
                 options,
                 cache_bytes,
+                snapshot,
             };
             if foreground {
                 init_logging();

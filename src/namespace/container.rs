@@ -283,6 +283,14 @@ impl Namespace {
         }
         let ids: std::collections::HashSet<_> =
             self.snapshots_of(container).iter().map(|s| s.id).collect();
+        if self
+            .mounted_snapshots
+            .lock()
+            .keys()
+            .any(|id| ids.contains(id))
+        {
+            return Ok(true);
+        }
         Ok(self.snap_files.lock().keys().any(|ino| {
             matches!(super::View::of(*ino), super::View::Snapshot(id, _) if ids.contains(&id))
         }))

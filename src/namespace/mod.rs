@@ -202,6 +202,9 @@ pub struct Namespace {
     pub(crate) containers: RwLock<HashMap<ContainerId, ContainerRecord>>,
     /// Every snapshot, by container and epoch.
     pub(crate) snapshots: RwLock<std::collections::BTreeMap<(ContainerId, Epoch), SnapshotRecord>>,
+    /// Snapshots served by a restore mount, with the number of mounts: they cannot be
+    /// deleted meanwhile.
+    pub(crate) mounted_snapshots: Mutex<HashMap<crate::ids::SnapshotId, u32>>,
     /// Snapshot files open for reading, by view inode, with their handle counts.
     pub(crate) snap_files: Mutex<HashMap<InodeNo, (Arc<snapshot::SnapFile>, u32)>>,
     /// Open files with their handle counts.
@@ -409,6 +412,7 @@ impl Namespace {
             containers: RwLock::new(HashMap::new()),
             snapshots: RwLock::new(std::collections::BTreeMap::new()),
             snap_files: Mutex::new(HashMap::new()),
+            mounted_snapshots: Mutex::new(HashMap::new()),
             open_files: Mutex::new(HashMap::new()),
             io: IoCounters::default(),
             me: std::sync::OnceLock::new(),
@@ -736,6 +740,37 @@ impl Namespace {
             Some(&rec.encode()),
         )?;
         Ok(())
+    }
+
+    /// The root of snapshot `name` of `container`, as the inode a restore mount shows as its
+    /// root; the snapshot cannot be deleted until [`Namespace::release_snapshot`].
+    pub fn hold_snapshot(
+        &self,
+        container: &str,
+        name: &str,
+    ) -> FsResult<(InodeNo, crate::ids::SnapshotId)> {
+        let c = self.container_by_name(container).ok_or(FsError::NotFound)?;
+        // Under the commit lock, so that no deletion slips in between.
+        let _st = self.commit.lock();
+        let s = self.snapshot_by_name(c.id, name).ok_or(FsError::NotFound)?;
+        *self.mounted_snapshots.lock().entry(s.id).or_insert(0) += 1;
+        Ok((View::Snapshot(s.id, c.root).ino(), s.id))
+    }
+
+    pub fn release_snapshot(&self, id: crate::ids::SnapshotId) {
+        let mut held = self.mounted_snapshots.lock();
+        if let Some(n) = held.get_mut(&id) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&id);
+            }
+        }
+    }
+
+    /// True for directories whose entries change through the control socket rather than
+    /// this mount (the mount root, `.snapshots`): the kernel must not cache them long.
+    pub fn changes_outside_mount(ino: InodeNo) -> bool {
+        ino == InodeNo::ROOT || matches!(View::of(ino), View::SnapshotsDir(_))
     }
 
     /// Attributes including pending writes of an open file.
