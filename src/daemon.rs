@@ -74,7 +74,7 @@ impl SnapshotMounts {
         let (root, id) = self
             .ns
             .hold_snapshot(container, name)
-            .map_err(|e| snapshot_error(&container, &name, e))?;
+            .map_err(|e| snapshot_error(container, name, e))?;
         let mut session =
             match FuseSession::mount(self.ns.clone(), &mountpoint, &fuse_options, root) {
                 Ok(s) => s,
