@@ -51,6 +51,17 @@ pub enum Op {
         container: String,
         name: String,
     },
+    SnapshotRollback {
+        container: String,
+        name: String,
+        force: bool,
+        destroy_newer: bool,
+    },
+    ContainerClone {
+        source: String,
+        snapshot: String,
+        name: String,
+    },
     /// Serve a snapshot read-only on another mountpoint, from the running daemon.
     MountSnapshot {
         container: String,
@@ -252,6 +263,33 @@ pub fn execute(ns: &Namespace, op: &Op, served_by_mount: bool) -> Result<Value, 
                               "created_ns": s.created_ns })
             })
             .map_err(|e| snapshot_op_error(ns, container, name.as_deref().unwrap_or(""), e)),
+        Op::SnapshotRollback {
+            container,
+            name,
+            force,
+            destroy_newer,
+        } => match ns.rollback(container, name, *force, *destroy_newer) {
+            Ok(r) => Ok(json!({ "container": container, "name": name, "removed": r.removed,
+                                "restored": r.restored, "snapshots_deleted": r.snapshots_deleted })),
+            Err(FsError::NotEmpty) => Err(format!(
+                "{container}@{name} is not the newest snapshot; --destroy-newer deletes the newer ones first"
+            )),
+            Err(FsError::Busy) => Err(format!(
+                "container {container:?} has open files (or a newer snapshot is in use); --force drops their pending writes"
+            )),
+            Err(e) => Err(snapshot_op_error(ns, container, name, e)),
+        },
+        Op::ContainerClone {
+            source,
+            snapshot,
+            name,
+        } => match ns.clone_container(source, snapshot, name) {
+            Ok(c) => Ok(json!({ "name": c.name, "id": c.id.0, "files": c.files,
+                                "logical_bytes": c.logical_bytes })),
+            Err(FsError::Exists) => Err(format!("container {name:?} already exists")),
+            Err(e @ (FsError::Invalid | FsError::NameTooLong)) => Err(container_error(name, e)),
+            Err(e) => Err(snapshot_op_error(ns, source, snapshot, e)),
+        },
         Op::SnapshotList { container } => {
             let names: Vec<String> = match container {
                 Some(c) => vec![c.clone()],

@@ -21,7 +21,7 @@ use parking_lot::Mutex;
 
 use crate::format::Kind;
 use crate::ids::InodeNo;
-use crate::namespace::{Attr, Caller, DirEntry, FsError, Namespace, SetAttr};
+use crate::namespace::{Attr, Caller, DirEntry, FsError, Invalidation, Namespace, SetAttr};
 
 /// How long the kernel may cache the mount root and its entries (the containers). Short,
 /// because the control socket creates and deletes containers behind the kernel's back.
@@ -145,10 +145,25 @@ impl FuseSession {
         options: &MountOptions,
         root: InodeNo,
     ) -> std::io::Result<FuseSession> {
-        let fs = DedupFs::new(ns, root);
+        let fs = DedupFs::new(ns.clone(), root);
         let notifier = fs.notifier.clone();
         let session = fuser::Session::new(fs, mountpoint, &options.config)?;
         let _ = notifier.set(session.notifier());
+        if root == InodeNo::ROOT {
+            // A rollback changes files under the kernel's caches: drop what it touched. Node
+            // ids are inode numbers in the main mount.
+            let notifier = session.notifier();
+            ns.set_invalidator(Box::new(move |items: &[Invalidation]| {
+                for item in items {
+                    let _ = match item {
+                        Invalidation::Inode(ino) => notifier.inval_inode(INodeNo(ino.0), 0, -1),
+                        Invalidation::Entry(parent, name) => {
+                            notifier.inval_entry(INodeNo(parent.0), OsStr::from_bytes(name))
+                        }
+                    };
+                }
+            }));
+        }
         Ok(FuseSession { session })
     }
 

@@ -151,6 +151,14 @@ enum ContainerCommand {
         #[command(flatten)]
         store: StoreArg,
     },
+    /// Make a new writable container from a snapshot, sharing its data (SOURCE is
+    /// CONTAINER@SNAPSHOT); costs the snapshot's metadata, no data is copied
+    Clone {
+        source: String,
+        name: String,
+        #[command(flatten)]
+        store: StoreArg,
+    },
     /// Delete a container (--force if it is not empty)
     Delete {
         name: String,
@@ -209,6 +217,21 @@ enum SnapshotCommand {
     Delete {
         container: String,
         name: String,
+        #[command(flatten)]
+        store: StoreArg,
+    },
+    /// Undo every change made to CONTAINER since snapshot NAME (its newest, unless
+    /// --destroy-newer); the space of what was written since comes back
+    Rollback {
+        container: String,
+        name: String,
+        /// Also when files of the container are open: their pending writes are dropped and
+        /// open handles see the rolled-back files
+        #[arg(long)]
+        force: bool,
+        /// Delete the snapshots newer than NAME first
+        #[arg(long)]
+        destroy_newer: bool,
         #[command(flatten)]
         store: StoreArg,
     },
@@ -357,6 +380,28 @@ fn snapshot(command: SnapshotCommand) -> Result<()> {
                     human(s["reclaimable_bytes"].as_u64().unwrap_or(0)),
                 );
             }
+        }
+        SnapshotCommand::Rollback {
+            container,
+            name,
+            force,
+            destroy_newer,
+            store,
+        } => {
+            let v = request(
+                &store.path(),
+                Op::SnapshotRollback {
+                    container: container.clone(),
+                    name: name.clone(),
+                    force,
+                    destroy_newer,
+                },
+            )?;
+            println!(
+                "rolled {container} back to {container}@{name}: {} changes undone, {} newer snapshot(s) deleted",
+                v["removed"].as_u64().unwrap_or(0) + v["restored"].as_u64().unwrap_or(0),
+                v["snapshots_deleted"].as_u64().unwrap_or(0)
+            );
         }
         SnapshotCommand::Delete {
             container,
@@ -607,6 +652,26 @@ fn container(command: ContainerCommand) -> Result<()> {
                 println!("dirs:     {}", value["dirs"]);
                 println!("entries:  {}", value["entries"]);
             }
+        }
+        ContainerCommand::Clone {
+            source,
+            name,
+            store,
+        } => {
+            let (container, snapshot) = daemon::parse_snapshot_spec(&source)?;
+            let v = request(
+                &store.path(),
+                Op::ContainerClone {
+                    source: container,
+                    snapshot,
+                    name: name.clone(),
+                },
+            )?;
+            println!(
+                "created container {name} from {source}: {} files, {}",
+                v["files"].as_u64().unwrap_or(0),
+                human(v["logical_bytes"].as_u64().unwrap_or(0))
+            );
         }
         ContainerCommand::Delete { name, force, store } => {
             request(

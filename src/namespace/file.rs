@@ -77,6 +77,27 @@ struct FileState {
 }
 
 impl FileState {
+    /// The state of an open file whose inode no longer exists.
+    fn gone(container: ContainerId) -> FileState {
+        FileState {
+            container,
+            size: 0,
+            disk_size: 0,
+            data_bytes: 0,
+            extents: BTreeMap::new(),
+            dirty: BTreeMap::new(),
+            dirty_bytes: 0,
+            sealed: BTreeMap::new(),
+            sealed_bytes: 0,
+            in_flight: false,
+            error: Some(FsError::NotFound),
+            released: Vec::new(),
+            times_dirty: None,
+            resume_at: None,
+            dirty_since: None,
+        }
+    }
+
     fn has_pending(&self) -> bool {
         !self.dirty.is_empty()
             || !self.released.is_empty()
@@ -849,6 +870,40 @@ impl Namespace {
     }
 
     /// Waits until no commit of `file` is in flight.
+    /// Runs `f`, which rewrites the committed state of `files` (a rollback), with each of
+    /// them locked and no commit of theirs in flight; then reloads each one's state from
+    /// the store and drops its pending writes, so an open handle sees the file as `f` left
+    /// it (or, when `f` removed it, as a file whose every commit fails with ENOENT).
+    pub(crate) fn with_files_replaced<T>(
+        &self,
+        files: &[Arc<OpenFile>],
+        f: impl FnOnce() -> FsResult<T>,
+    ) -> FsResult<T> {
+        let mut files: Vec<&Arc<OpenFile>> = files.iter().collect();
+        files.sort_by_key(|f| f.ino);
+        files.dedup_by_key(|f| f.ino);
+        let mut guards = Vec::with_capacity(files.len());
+        for file in &files {
+            let mut st = file.state.lock();
+            Self::wait_idle(file, &mut st);
+            guards.push(st);
+        }
+        let result = f();
+        for (file, st) in files.iter().zip(guards.iter_mut()) {
+            let container = st.container;
+            let fresh = self
+                .read_inode(file.ino)
+                .ok()
+                .flatten()
+                .and_then(|(rec, _)| self.load_file(file.ino, &rec).ok());
+            **st = match fresh {
+                Some(loaded) => loaded.state.into_inner(),
+                None => FileState::gone(container),
+            };
+        }
+        result
+    }
+
     fn wait_idle(file: &OpenFile, st: &mut MutexGuard<'_, FileState>) {
         while st.in_flight {
             file.idle.wait(st);

@@ -8,6 +8,7 @@
 //! after. Chunking, hashing and compression run holding only the file's lock.
 
 mod container;
+mod dataset;
 mod file;
 mod ops;
 mod snapshot;
@@ -21,6 +22,7 @@ use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
 pub use container::{ContainerInfo, ContainerRecord};
+pub use dataset::{Invalidation, RolledBack};
 pub use file::OpenFile;
 pub use ops::{DirEntry, SetAttr, StatFs};
 pub(crate) use snapshot::View;
@@ -191,6 +193,9 @@ pub(crate) struct CommitState {
     pub next_snapshot: u32,
 }
 
+/// Tells the kernel to forget inodes and names (see [`Namespace::set_invalidator`]).
+pub type Invalidator = Box<dyn Fn(&[Invalidation]) + Send + std::marker::Sync>;
+
 /// Default size of the decompressed-chunk cache.
 pub const DEFAULT_CACHE_BYTES: u64 = 128 << 20;
 
@@ -202,6 +207,8 @@ pub struct Namespace {
     pub(crate) containers: RwLock<HashMap<ContainerId, ContainerRecord>>,
     /// Every snapshot, by container and epoch.
     pub(crate) snapshots: RwLock<std::collections::BTreeMap<(ContainerId, Epoch), SnapshotRecord>>,
+    /// Tells the kernel to forget what a rollback changed (set by the FUSE adapter).
+    pub(crate) invalidator: std::sync::OnceLock<Invalidator>,
     /// Snapshots served by a restore mount, with the number of mounts: they cannot be
     /// deleted meanwhile.
     pub(crate) mounted_snapshots: Mutex<HashMap<crate::ids::SnapshotId, u32>>,
@@ -413,6 +420,7 @@ impl Namespace {
             snapshots: RwLock::new(std::collections::BTreeMap::new()),
             snap_files: Mutex::new(HashMap::new()),
             mounted_snapshots: Mutex::new(HashMap::new()),
+            invalidator: std::sync::OnceLock::new(),
             open_files: Mutex::new(HashMap::new()),
             io: IoCounters::default(),
             me: std::sync::OnceLock::new(),
@@ -755,6 +763,12 @@ impl Namespace {
         let s = self.snapshot_by_name(c.id, name).ok_or(FsError::NotFound)?;
         *self.mounted_snapshots.lock().entry(s.id).or_insert(0) += 1;
         Ok((View::Snapshot(s.id, c.root).ino(), s.id))
+    }
+
+    /// Sets what tells the kernel to forget changed inodes and names (one per namespace:
+    /// the main mount's).
+    pub fn set_invalidator(&self, f: Invalidator) {
+        let _ = self.invalidator.set(f);
     }
 
     pub fn release_snapshot(&self, id: crate::ids::SnapshotId) {
