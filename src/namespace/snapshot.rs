@@ -384,6 +384,12 @@ impl Namespace {
                     continue;
                 }
                 last = Some(object.to_vec());
+                if format::is_tombstone(&v) {
+                    // Already gone from the live view; it stays, the newest version, until
+                    // the older versions it hides go with their snapshots (a tombstone on a
+                    // dead list could be dropped as hiding nothing while still listed).
+                    continue;
+                }
                 let removed = self.retire(txn, cf, &k, birth, container, ep);
                 if cf == Cf::Extent {
                     if let Some(ext) = ExtentRecord::decode(&v) {
@@ -480,6 +486,9 @@ impl Namespace {
         let c = self.container_by_name(container).ok_or(FsError::NotFound)?;
         let mut st = self.commit.lock();
         let s = self.snapshot_by_name(c.id, name).ok_or(FsError::NotFound)?;
+        if self.mounted_snapshots.lock().contains_key(&s.id) {
+            return Err(FsError::Busy);
+        }
         if self
             .snap_files
             .lock()
