@@ -338,3 +338,137 @@ fn snapshot_commands_refuse_bad_input() {
     assert!(names.is_empty(), "{names:?}");
     m.finish();
 }
+
+fn stored_bytes(store: &Path) -> u64 {
+    let v: Value = serde_json::from_str(&ok(run(store, &["stats", "--json"]))).unwrap();
+    v["stored_bytes"].as_u64().unwrap()
+}
+
+fn random(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn rollback_undoes_every_change_and_gives_space_back() {
+    let m = Mounted::new();
+    let c = m.c();
+    std::fs::create_dir(c.join("d")).unwrap();
+    let big = random(1, 4 << 20);
+    std::fs::write(c.join("d/big"), &big).unwrap();
+    std::fs::write(c.join("d/f"), b"one").unwrap();
+    std::fs::write(c.join("gone"), b"keep me").unwrap();
+    std::fs::hard_link(c.join("d/f"), c.join("f-link")).unwrap();
+    ok(run(&m.store, &["snapshot", "create", "c", "s1"]));
+    // Read through the kernel cache before the changes, so that stale pages would show.
+    assert_eq!(std::fs::read(c.join("d/f")).unwrap(), b"one");
+    let at_snapshot = stored_bytes(&m.store);
+
+    std::fs::write(c.join("d/f"), b"two").unwrap();
+    std::fs::remove_file(c.join("gone")).unwrap();
+    std::fs::remove_file(c.join("f-link")).unwrap();
+    std::fs::write(c.join("new"), random(2, 3 << 20)).unwrap();
+    std::fs::create_dir(c.join("newdir")).unwrap();
+    std::fs::rename(c.join("d/big"), c.join("newdir/big")).unwrap();
+    ok(run(&m.store, &["snapshot", "create", "c", "s2"]));
+    std::fs::write(c.join("after-s2"), b"x").unwrap();
+    assert!(stored_bytes(&m.store) > at_snapshot + (2 << 20));
+
+    refused(
+        run(&m.store, &["snapshot", "rollback", "c", "s1"]),
+        "--destroy-newer",
+    );
+    // An open file needs --force; then its handle sees the rolled-back file.
+    let held = std::fs::File::open(c.join("d/f")).unwrap();
+    refused(
+        run(
+            &m.store,
+            &["snapshot", "rollback", "c", "s1", "--destroy-newer"],
+        ),
+        "--force",
+    );
+    ok(run(
+        &m.store,
+        &[
+            "snapshot",
+            "rollback",
+            "c",
+            "s1",
+            "--destroy-newer",
+            "--force",
+        ],
+    ));
+    drop(held);
+    assert_eq!(std::fs::read(c.join("d/f")).unwrap(), b"one");
+    assert_eq!(std::fs::read(c.join("gone")).unwrap(), b"keep me");
+    assert_eq!(std::fs::read(c.join("d/big")).unwrap(), big);
+    assert_eq!(
+        std::fs::metadata(c.join("d/f")).unwrap().ino(),
+        std::fs::metadata(c.join("f-link")).unwrap().ino()
+    );
+    let mut names: Vec<_> = std::fs::read_dir(&c)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["d", "f-link", "gone"]);
+    assert_eq!(snapshot_names(&m.store), ["s1"]);
+    assert_eq!(
+        stored_bytes(&m.store),
+        at_snapshot,
+        "space of later writes back"
+    );
+    // The container works on after the rollback.
+    std::fs::write(c.join("d/f"), b"three").unwrap();
+    assert_eq!(std::fs::read(c.join(".snapshots/s1/d/f")).unwrap(), b"one");
+    m.finish();
+}
+
+#[test]
+fn clone_makes_a_writable_container_that_shares_data() {
+    let m = Mounted::new();
+    let c = m.c();
+    std::fs::create_dir(c.join("vm")).unwrap();
+    let disk = random(3, 6 << 20);
+    std::fs::write(c.join("vm/disk.img"), &disk).unwrap();
+    std::fs::write(c.join("vm/conf"), b"cpus=2").unwrap();
+    std::os::unix::fs::symlink("disk.img", c.join("vm/current")).unwrap();
+    ok(run(&m.store, &["snapshot", "create", "c", "golden"]));
+    std::fs::write(c.join("vm/conf"), b"cpus=4").unwrap();
+    let before = stored_bytes(&m.store);
+
+    ok(run(&m.store, &["container", "clone", "c@golden", "c2"]));
+    let c2 = m.mnt.join("c2");
+    assert_eq!(std::fs::read(c2.join("vm/disk.img")).unwrap(), disk);
+    assert_eq!(std::fs::read(c2.join("vm/conf")).unwrap(), b"cpus=2");
+    assert_eq!(
+        std::fs::read_link(c2.join("vm/current")).unwrap(),
+        Path::new("disk.img")
+    );
+    assert!(
+        stored_bytes(&m.store) < before + (64 << 10),
+        "a clone copies no data"
+    );
+    // Writable, and independent of its origin.
+    std::fs::write(c2.join("vm/conf"), b"cpus=8").unwrap();
+    assert_eq!(std::fs::read(c.join("vm/conf")).unwrap(), b"cpus=4");
+    refused(
+        run(&m.store, &["container", "clone", "c@golden", "c2"]),
+        "already exists",
+    );
+    refused(
+        run(&m.store, &["container", "clone", "c@nope", "c3"]),
+        "does not exist",
+    );
+    // The origin's snapshot can go; the clone keeps its data.
+    ok(run(&m.store, &["snapshot", "delete", "c", "golden"]));
+    assert_eq!(std::fs::read(c2.join("vm/disk.img")).unwrap(), disk);
+    m.finish();
+}
