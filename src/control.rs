@@ -57,6 +57,10 @@ pub enum Op {
         force: bool,
         destroy_newer: bool,
     },
+    ContainerSet {
+        name: String,
+        schedule: Option<crate::namespace::SnapshotSchedule>,
+    },
     ContainerClone {
         source: String,
         snapshot: String,
@@ -279,6 +283,10 @@ pub fn execute(ns: &Namespace, op: &Op, served_by_mount: bool) -> Result<Value, 
             )),
             Err(e) => Err(snapshot_op_error(ns, container, name, e)),
         },
+        Op::ContainerSet { name, schedule } => ns
+            .set_schedule(name, schedule.clone())
+            .map(|()| json!({ "name": name, "schedule": schedule }))
+            .map_err(|e| container_error(name, e)),
         Op::ContainerClone {
             source,
             snapshot,

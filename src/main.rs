@@ -151,6 +151,32 @@ enum ContainerCommand {
         #[command(flatten)]
         store: StoreArg,
     },
+    /// Set a container's snapshot schedule, which the running mount applies: a snapshot
+    /// (named auto-<UTC time>) every --snapshot-every, then the auto- snapshots the
+    /// --keep-* policy does not keep are deleted (snapshots taken by hand are left alone)
+    Set {
+        name: String,
+        /// Interval between scheduled snapshots: e.g. 30s, 15m, 1h, 1d, 1w
+        #[arg(long, value_name = "DURATION")]
+        snapshot_every: Option<String>,
+        /// Remove the schedule
+        #[arg(long, conflicts_with = "snapshot_every")]
+        no_schedule: bool,
+        #[arg(long, default_value_t = 0)]
+        keep_last: u32,
+        #[arg(long, default_value_t = 0)]
+        keep_hourly: u32,
+        #[arg(long, default_value_t = 0)]
+        keep_daily: u32,
+        #[arg(long, default_value_t = 0)]
+        keep_weekly: u32,
+        #[arg(long, default_value_t = 0)]
+        keep_monthly: u32,
+        #[arg(long, default_value_t = 0)]
+        keep_yearly: u32,
+        #[command(flatten)]
+        store: StoreArg,
+    },
     /// Make a new writable container from a snapshot, sharing its data (SOURCE is
     /// CONTAINER@SNAPSHOT); costs the snapshot's metadata, no data is copied
     Clone {
@@ -651,6 +677,67 @@ fn container(command: ContainerCommand) -> Result<()> {
                 println!("files:    {}", value["files"]);
                 println!("dirs:     {}", value["dirs"]);
                 println!("entries:  {}", value["entries"]);
+                println!("snapshots: {}", value["snapshots"]);
+                if let Some(s) = value.get("schedule").filter(|s| !s.is_null()) {
+                    println!(
+                        "schedule: a snapshot every {} s, keeping {}",
+                        s["every_secs"],
+                        describe_keep(&s["keep"])
+                    );
+                }
+            }
+        }
+        ContainerCommand::Set {
+            name,
+            snapshot_every,
+            no_schedule,
+            keep_last,
+            keep_hourly,
+            keep_daily,
+            keep_weekly,
+            keep_monthly,
+            keep_yearly,
+            store,
+        } => {
+            let keep = dedupfs::retention::KeepPolicy {
+                last: keep_last,
+                hourly: keep_hourly,
+                daily: keep_daily,
+                weekly: keep_weekly,
+                monthly: keep_monthly,
+                yearly: keep_yearly,
+            };
+            let schedule = match (snapshot_every, no_schedule) {
+                (_, true) => None,
+                (Some(every), false) => Some(dedupfs::namespace::SnapshotSchedule {
+                    every_secs: parse_duration(&every)?,
+                    keep,
+                }),
+                (None, false) => {
+                    bail!("nothing to set: give --snapshot-every DURATION or --no-schedule")
+                }
+            };
+            request(
+                &store.path(),
+                Op::ContainerSet {
+                    name: name.clone(),
+                    schedule: schedule.clone(),
+                },
+            )?;
+            match schedule {
+                Some(s) => println!(
+                    "{name}: a snapshot every {} s{}",
+                    s.every_secs,
+                    if s.keep.is_empty() {
+                        ", none pruned".to_string()
+                    } else {
+                        format!(
+                            ", keeping {}",
+                            describe_keep(&serde_json::to_value(s.keep)?)
+                        )
+                    }
+                ),
+                None => println!("{name}: no snapshot schedule"),
             }
         }
         ContainerCommand::Clone {
@@ -686,6 +773,44 @@ fn container(command: ContainerCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// "last 2, daily 7" for a keep policy in JSON; "nothing pruned" when it is empty.
+fn describe_keep(keep: &Value) -> String {
+    let parts: Vec<String> = ["last", "hourly", "daily", "weekly", "monthly", "yearly"]
+        .iter()
+        .filter_map(|k| {
+            let n = keep[*k].as_u64().unwrap_or(0);
+            (n > 0).then(|| format!("{k} {n}"))
+        })
+        .collect();
+    if parts.is_empty() {
+        "everything".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
+/// Seconds in a duration like `90s`, `15m`, `1h`, `1d`, `1w` (a bare number is seconds).
+fn parse_duration(text: &str) -> Result<u64> {
+    let t = text.trim();
+    let (digits, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| anyhow!("{text:?}: expected a duration like 30s, 15m, 1h, 1d or 1w"))?;
+    let scale = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        _ => bail!("{text:?}: expected a duration like 30s, 15m, 1h, 1d or 1w"),
+    };
+    if n == 0 {
+        bail!("{text:?}: the interval must be at least one second");
+    }
+    n.checked_mul(scale)
+        .ok_or_else(|| anyhow!("{text:?}: too long"))
 }
 
 fn human(bytes: u64) -> String {

@@ -472,3 +472,62 @@ fn clone_makes_a_writable_container_that_shares_data() {
     assert_eq!(std::fs::read(c2.join("vm/disk.img")).unwrap(), disk);
     m.finish();
 }
+
+#[test]
+fn the_mount_takes_and_prunes_scheduled_snapshots() {
+    let m = Mounted::new();
+    std::fs::write(m.c().join("f"), b"data").unwrap();
+    ok(run(&m.store, &["snapshot", "create", "c", "by-hand"]));
+    let set = ok(run(
+        &m.store,
+        &[
+            "container",
+            "set",
+            "c",
+            "--snapshot-every",
+            "1s",
+            "--keep-last",
+            "2",
+        ],
+    ));
+    assert!(set.contains("keeping last 2"), "{set}");
+    // One snapshot a second: after 4 s at least three were taken, so one was pruned.
+    let started = std::time::Instant::now();
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let auto = snapshot_names(&m.store)
+            .iter()
+            .filter(|n| n.starts_with("auto-"))
+            .count();
+        if auto >= 2 && started.elapsed() > std::time::Duration::from_secs(4) {
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "no scheduled snapshots"
+        );
+    }
+    let names = snapshot_names(&m.store);
+    assert!(names.contains(&"by-hand".to_string()), "{names:?}");
+    assert!(
+        names.iter().filter(|n| n.starts_with("auto-")).count() <= 2,
+        "pruned to the policy: {names:?}"
+    );
+    let info = ok(run(&m.store, &["container", "info", "c"]));
+    assert!(
+        info.contains("schedule: a snapshot every 1 s, keeping last 2"),
+        "{info}"
+    );
+    ok(run(&m.store, &["container", "set", "c", "--no-schedule"]));
+    let after = snapshot_names(&m.store).len();
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    assert_eq!(snapshot_names(&m.store).len(), after, "schedule removed");
+    refused(
+        run(
+            &m.store,
+            &["container", "set", "c", "--snapshot-every", "soon"],
+        ),
+        "expected a duration",
+    );
+    m.finish();
+}

@@ -21,7 +21,22 @@ pub struct ContainerRecord {
     pub logical_bytes: u64,
     pub files: u64,
     pub dirs: u64,
+    /// Snapshots the running mount takes and prunes by itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<SnapshotSchedule>,
 }
+
+/// A container's automatic snapshots: one every `every_secs`, named `auto-<UTC time>`;
+/// after each, the `auto-` snapshots the policy does not keep are deleted (snapshots taken
+/// by hand are never pruned by the schedule).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotSchedule {
+    pub every_secs: u64,
+    pub keep: crate::retention::KeepPolicy,
+}
+
+/// Name prefix of scheduled snapshots.
+pub const AUTO_PREFIX: &str = "auto-";
 
 /// Serializes an id newtype as its plain number.
 macro_rules! serde_plain_id {
@@ -60,6 +75,9 @@ pub struct ContainerInfo {
     pub files: u64,
     pub dirs: u64,
     pub entries: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<SnapshotSchedule>,
+    pub snapshots: u64,
 }
 
 impl Namespace {
@@ -132,6 +150,7 @@ impl Namespace {
             logical_bytes: 0,
             files: 0,
             dirs: 0,
+            schedule: None,
         };
         let dir = InodeRecord {
             kind: Kind::Dir,
@@ -185,6 +204,74 @@ impl Namespace {
         Ok(record)
     }
 
+    /// Sets (or with `None` clears) a container's snapshot schedule.
+    pub fn set_schedule(&self, name: &str, schedule: Option<SnapshotSchedule>) -> FsResult<()> {
+        let mut st = self.commit.lock();
+        let mut rec = self.container_by_name(name).ok_or(FsError::NotFound)?;
+        rec.schedule = schedule;
+        let mut txn = Txn::new(Sync::Disk);
+        txn.batch
+            .put(&self.kv, Cf::Meta, &key::container(rec.id), &rec.encode());
+        self.apply(&mut st, txn, &|_| None)?;
+        self.containers.write().insert(rec.id, rec);
+        Ok(())
+    }
+
+    /// Takes the scheduled snapshots that are due at `now_ns` and prunes after each.
+    /// Returns (container, snapshot) names taken.
+    pub fn run_schedules(&self, now: i64) -> Vec<(String, String)> {
+        let mut taken = Vec::new();
+        for c in self.containers() {
+            let Some(schedule) = c.schedule.clone() else {
+                continue;
+            };
+            let last = self
+                .snapshots_of(c.id)
+                .iter()
+                .filter(|s| s.name.starts_with(AUTO_PREFIX))
+                .map(|s| s.created_ns)
+                .max();
+            let every_ns = schedule.every_secs.saturating_mul(1_000_000_000) as i64;
+            if last.is_some_and(|t| now.saturating_sub(t) < every_ns) {
+                continue;
+            }
+            let name = format!(
+                "{AUTO_PREFIX}{}",
+                super::snapshot::default_snapshot_name(now)
+            );
+            match self.create_snapshot(&c.name, Some(&name)) {
+                Ok(_) => taken.push((c.name.clone(), name)),
+                Err(e) => {
+                    tracing::error!("scheduled snapshot {}@{name}: {e}", c.name);
+                    continue;
+                }
+            }
+            if schedule.keep.is_empty() {
+                continue;
+            }
+            let candidates: Vec<crate::retention::Candidate> = self
+                .snapshots_of(c.id)
+                .into_iter()
+                .filter(|s| s.name.starts_with(AUTO_PREFIX))
+                .map(|s| crate::retention::Candidate {
+                    name: s.name,
+                    created_ns: s.created_ns,
+                })
+                .collect();
+            let Ok(plan) = crate::retention::plan_prune(&candidates, &schedule.keep) else {
+                continue;
+            };
+            for d in plan.remove() {
+                match self.delete_snapshot(&c.name, &d.name) {
+                    Ok(_) => tracing::info!("pruned {}@{} (schedule)", c.name, d.name),
+                    // A snapshot in use stays until the next round.
+                    Err(e) => tracing::warn!("pruning {}@{}: {e}", c.name, d.name),
+                }
+            }
+        }
+        taken
+    }
+
     pub fn container_info(&self, name: &str) -> FsResult<ContainerInfo> {
         let rec = self.container_by_name(name).ok_or(FsError::NotFound)?;
         let entries = self.readdir(rec.root)?.len() as u64;
@@ -196,6 +283,8 @@ impl Namespace {
             files: rec.files,
             dirs: rec.dirs,
             entries,
+            snapshots: self.snapshots_of(rec.id).len() as u64,
+            schedule: rec.schedule,
         })
     }
 

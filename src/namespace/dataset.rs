@@ -121,6 +121,7 @@ impl Namespace {
             logical_bytes: logical,
             files,
             dirs,
+            schedule: None,
         };
         txn.batch
             .put(&self.kv, Cf::Meta, &key::container(id), &record.encode());

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
-pub use container::{ContainerInfo, ContainerRecord};
+pub use container::{ContainerInfo, ContainerRecord, SnapshotSchedule, AUTO_PREFIX};
 pub use dataset::{Invalidation, RolledBack};
 pub use file::OpenFile;
 pub use ops::{DirEntry, SetAttr, StatFs};
