@@ -99,6 +99,12 @@ impl ChunkStore {
         self.suspect.lock().insert(*id);
     }
 
+    /// Marks a chunk quarantined (by scrub, or at open from its record) without counting a
+    /// read: a later write of its content stores verified bytes in its place.
+    pub fn mark_quarantined(&self, id: &ChunkId) {
+        self.suspect.lock().insert(*id);
+    }
+
     /// True when the stored copy of `id` failed verification: its bytes must be stored
     /// again by the next write that produces them.
     pub fn is_suspect(&self, id: &ChunkId) -> bool {
@@ -111,8 +117,9 @@ impl ChunkStore {
         self.cache.remove(id);
     }
 
-    /// Drops a chunk from the cache (after it was reclaimed).
+    /// Drops a chunk from the cache and the suspect set (after it was reclaimed).
     pub fn forget(&self, id: &ChunkId) {
         self.cache.remove(id);
+        self.suspect.lock().remove(id);
     }
 }

@@ -51,6 +51,8 @@ pub enum Op {
         container: String,
         name: String,
     },
+    /// Verify every chunk; progress lines precede the reply.
+    Scrub,
     SnapshotRollback {
         container: String,
         name: String,
@@ -178,8 +180,6 @@ impl StatsReply {
     }
 }
 
-/// Runs one operation against an open namespace; `served_by_mount` when a running mount
-/// answers (its throughput figures then mean something).
 fn snapshot_error(container: &str, name: &str, e: FsError) -> String {
     match e {
         FsError::NotFound => format!("snapshot {container}@{name} does not exist"),
@@ -255,8 +255,14 @@ fn prune(
 pub type SnapshotMounter =
     Arc<dyn Fn(&str, &str, &Path, &[String]) -> Result<Value, String> + Send + Sync>;
 
+/// Runs one operation against an open namespace; `served_by_mount` when a running mount
+/// answers (its throughput figures then mean something).
 pub fn execute(ns: &Namespace, op: &Op, served_by_mount: bool) -> Result<Value, String> {
     match op {
+        Op::Scrub => ns
+            .scrub(&mut |_| {})
+            .map(|r| serde_json::to_value(r).unwrap_or(Value::Null))
+            .map_err(|e| format!("scrub: {e}")),
         Op::MountSnapshot { .. } => {
             Err("only a running mount serves snapshot mounts; none holds this store".into())
         }
@@ -362,6 +368,15 @@ pub fn execute(ns: &Namespace, op: &Op, served_by_mount: bool) -> Result<Value, 
 /// Sends `op` to the daemon holding the store at `store`. `Ok(None)` when no daemon
 /// listens (the caller then opens the store itself).
 pub fn call(store: &Path, op: Op) -> Result<Option<Value>, String> {
+    call_with_progress(store, op, &mut |_| {})
+}
+
+/// [`call`], passing each progress line the daemon sends before its reply to `progress`.
+pub fn call_with_progress(
+    store: &Path,
+    op: Op,
+    progress: &mut dyn FnMut(&Value),
+) -> Result<Option<Value>, String> {
     let path = store.join(crate::store::CONTROL_SOCKET);
     let mut stream = match UnixStream::connect(&path) {
         Ok(s) => s,
@@ -385,10 +400,18 @@ pub fn call(store: &Path, op: Op) -> Result<Option<Value>, String> {
     stream
         .write_all(&line)
         .map_err(|e| format!("control socket: {e}"))?;
+    let mut reader = BufReader::new(&stream);
     let mut reply = String::new();
-    BufReader::new(&stream)
-        .read_line(&mut reply)
-        .map_err(|e| format!("control socket: {e}"))?;
+    loop {
+        reply.clear();
+        reader
+            .read_line(&mut reply)
+            .map_err(|e| format!("control socket: {e}"))?;
+        match serde_json::from_str::<Value>(&reply) {
+            Ok(v) if v.get("progress").is_some() => progress(&v["progress"]),
+            _ => break,
+        }
+    }
     let reply: Reply =
         serde_json::from_str(&reply).map_err(|e| format!("control socket: bad reply: {e}"))?;
     if reply.ok {
@@ -399,7 +422,12 @@ pub fn call(store: &Path, op: Op) -> Result<Option<Value>, String> {
 }
 
 /// Answers one request line.
-pub fn handle_line(ns: &Namespace, line: &str, mounter: Option<&SnapshotMounter>) -> Reply {
+pub fn handle_line(
+    ns: &Namespace,
+    line: &str,
+    mounter: Option<&SnapshotMounter>,
+    progress: &mut dyn FnMut(&Value),
+) -> Reply {
     let fail = |error: String| Reply {
         ok: false,
         data: None,
@@ -425,6 +453,10 @@ pub fn handle_line(ns: &Namespace, line: &str, mounter: Option<&SnapshotMounter>
             },
             Some(mount),
         ) => mount(container, name, mountpoint, options),
+        (Op::Scrub, _) => ns
+            .scrub(&mut |p| progress(&serde_json::to_value(p).unwrap_or(Value::Null)))
+            .map(|r| serde_json::to_value(r).unwrap_or(Value::Null))
+            .map_err(|e| format!("scrub: {e}")),
         (op, _) => execute(ns, op, true),
     };
     match result {
@@ -542,7 +574,17 @@ fn serve(ns: &Namespace, stream: UnixStream, owner: u32, mounter: Option<&Snapsh
             );
             return;
         }
-        let reply = handle_line(ns, String::from_utf8_lossy(&line).trim_end(), mounter);
+        let mut progress = |p: &Value| {
+            let mut out = serde_json::to_vec(&json!({ "progress": p })).unwrap_or_default();
+            out.push(b'\n');
+            let _ = writer.write_all(&out);
+        };
+        let reply = handle_line(
+            ns,
+            String::from_utf8_lossy(&line).trim_end(),
+            mounter,
+            &mut progress,
+        );
         if respond(&mut writer, &reply).is_err() {
             return;
         }

@@ -47,6 +47,8 @@ pub mod meta {
     pub const ORPHAN_PREFIX: &[u8] = b"orphan/";
     /// Prefix of snapshot records: `snapshot/` cid(4) epoch(8) -> JSON record.
     pub const SNAPSHOT_PREFIX: &[u8] = b"snapshot/";
+    /// Prefix of quarantined chunks: `quarantine/` hash(32) -> JSON {found_ns, problem}.
+    pub const QUARANTINE_PREFIX: &[u8] = b"quarantine/";
     /// Next snapshot id, u64 (ids fit in [`crate::ids::SnapshotId`]).
     pub const NEXT_SNAPSHOT: &[u8] = b"next-snapshot";
 }
@@ -241,6 +243,16 @@ pub mod key {
             key[20],
             &key[21..],
         ))
+    }
+
+    pub fn quarantine(id: &ChunkId) -> Vec<u8> {
+        let mut k = meta::QUARANTINE_PREFIX.to_vec();
+        k.extend_from_slice(&id.0);
+        k
+    }
+
+    pub fn parse_quarantine(key: &[u8]) -> Option<ChunkId> {
+        ChunkId::from_slice(key.strip_prefix(meta::QUARANTINE_PREFIX)?)
     }
 
     pub fn parse_orphan(key: &[u8]) -> Option<InodeNo> {

@@ -157,6 +157,7 @@ pub fn fsck(kv: &Kv, config: &StoreConfig) -> Result<FsckReport, KvError> {
     c.scan_extents()?;
     c.scan_xattrs()?;
     c.check_chunks();
+    c.check_quarantine()?;
     c.check_deadlists();
     c.check_inodes();
     c.check_containers_and_counters();
@@ -523,6 +524,30 @@ impl Checker<'_> {
             id.extend_from_slice(vkey);
             if self.dead.insert(id, (k.to_vec(), false)).is_some() {
                 self.find(Area::Meta, &object, "its version is on two dead lists");
+            }
+        }
+        Ok(())
+    }
+
+    /// A quarantine record must name a stored chunk (the record goes with the chunk).
+    fn check_quarantine(&mut self) -> Result<(), KvError> {
+        for item in self
+            .kv
+            .scan_prefix(Cf::Meta, format::meta::QUARANTINE_PREFIX)
+        {
+            let (k, _) = item?;
+            match key::parse_quarantine(&k) {
+                Some(id) if self.chunks.contains_key(&id) => {}
+                Some(id) => self.find(
+                    Area::Chunk,
+                    format!("chunk {id}"),
+                    "is quarantined but not stored",
+                ),
+                None => self.find(
+                    Area::Meta,
+                    format!("quarantine key {}", hex::encode(&k)),
+                    "does not parse",
+                ),
             }
         }
         Ok(())

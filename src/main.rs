@@ -124,6 +124,14 @@ enum Command {
         #[command(flatten)]
         store: StoreArg,
     },
+    /// Read and verify every stored chunk (mounted or not); quarantine damaged chunks and
+    /// name the files and offsets that use them. Exits non-zero when any is damaged
+    Scrub {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        store: StoreArg,
+    },
     /// Check every record, refcount and chunk of a store that is not mounted
     Fsck { store: PathBuf },
 }
@@ -291,6 +299,84 @@ enum SnapshotCommand {
         #[command(flatten)]
         store: StoreArg,
     },
+}
+
+fn scrub(store: &Path, json: bool) -> Result<()> {
+    use std::io::{IsTerminal, Write};
+    Store::check(store)?;
+    let draw = std::io::stderr().is_terminal() && !json;
+    let mut show = |p: &dedupfs::namespace::ScrubProgress| {
+        if !draw {
+            return;
+        }
+        let secs = (p.elapsed_ms as f64 / 1000.0).max(0.001);
+        let rate = p.bytes as f64 / secs;
+        let eta = if rate > 0.0 {
+            (p.total_bytes.saturating_sub(p.bytes)) as f64 / rate
+        } else {
+            0.0
+        };
+        eprint!(
+            "\rscrub: {}/{} chunks, {} of {} ({}/s), ETA {:.0} s, {} damaged   ",
+            p.chunks,
+            p.total_chunks,
+            human(p.bytes),
+            human(p.total_bytes),
+            human(rate as u64),
+            eta,
+            p.bad
+        );
+        let _ = std::io::stderr().flush();
+    };
+    let value = match control::call_with_progress(store, Op::Scrub, &mut |v| {
+        if let Ok(p) = serde_json::from_value(v.clone()) {
+            show(&p);
+        }
+    })
+    .map_err(|e| anyhow!(e))?
+    {
+        Some(v) => v,
+        None => {
+            let opened = Store::open(store)?;
+            let ns = Namespace::new(opened, DEFAULT_CACHE_BYTES)
+                .map_err(|e| anyhow!("{}: {e}", store.display()))?;
+            let report = ns.scrub(&mut show);
+            ns.shutdown()
+                .map_err(|e| anyhow!("{}: closing: {e}", store.display()))?;
+            let report = report.map_err(|e| anyhow!("{}: scrub: {e}", store.display()))?;
+            serde_json::to_value(report)?
+        }
+    };
+    if draw {
+        eprintln!();
+    }
+    let report: dedupfs::namespace::ScrubReport = serde_json::from_value(value)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for b in &report.bad {
+            println!("chunk {}: {}", b.chunk, b.problem);
+            for r in &b.references {
+                println!("  used by {r}");
+            }
+        }
+        println!(
+            "scrubbed {} chunks ({}) in {:.1} s: {} damaged{}",
+            report.chunks,
+            human(report.bytes),
+            report.elapsed_ms as f64 / 1000.0,
+            report.bad.len(),
+            if report.bad.is_empty() {
+                ""
+            } else {
+                " (quarantined: reads of them fail with EIO; writing the same data again repairs them)"
+            }
+        );
+    }
+    if !report.bad.is_empty() {
+        bail!("{}: {} damaged chunk(s)", store.display(), report.bad.len());
+    }
+    Ok(())
 }
 
 /// Splits `CONTAINER@SNAPSHOT[:PATH]`.
@@ -607,6 +693,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Scrub { json, store } => scrub(&store.path(), json),
         Command::Fsck { store } => {
             let store = Store::open(&store)?;
             let report = dedupfs::fsck::fsck(&store.kv, &store.config)?;

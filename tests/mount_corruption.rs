@@ -317,3 +317,48 @@ fn a_later_write_of_the_same_content_replaces_the_damaged_chunk() {
     );
     m.finish();
 }
+
+#[test]
+fn scrub_finds_quarantines_and_a_rewrite_after_a_remount_repairs() {
+    let Damaged {
+        mut m,
+        path,
+        data,
+        start,
+        chunk,
+        ..
+    } = damaged();
+    // Scrub through the running mount: it names the chunk, the file and the offset.
+    let out = dedupfs(["scrub".as_ref(), "--store".as_ref(), m.store.as_os_str()]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!out.status.success(), "scrub must fail on damage:\n{text}");
+    assert!(text.contains(&chunk.to_hex()), "{text}");
+    assert!(
+        text.contains("victim.bin") && text.contains(&format!("at offset {start}")),
+        "{text}"
+    );
+    assert!(text.contains("1 damaged"), "{text}");
+    // The quarantine survives a remount: the next write of the same content is stored
+    // again instead of deduplicating onto the damaged copy, without any read first.
+    m.remount();
+    let copy = m.c().join("copy.bin");
+    std::fs::write(&copy, &data).unwrap();
+    File::open(&copy).unwrap().sync_all().unwrap();
+    assert!(
+        std::fs::read(&path).unwrap() == data,
+        "healed by the rewrite"
+    );
+    // Unmounted scrub, JSON: nothing damaged any more.
+    m.unmount();
+    let out = dedupfs([
+        "scrub".as_ref(),
+        "--json".as_ref(),
+        "--store".as_ref(),
+        m.store.as_os_str(),
+    ]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(out.status.success(), "{report}");
+    assert_eq!(report["bad"].as_array().unwrap().len(), 0);
+    assert!(report["chunks"].as_u64().unwrap() >= 8);
+    m.finish();
+}

@@ -11,6 +11,7 @@ mod container;
 mod dataset;
 mod file;
 mod ops;
+mod scrub;
 mod snapshot;
 mod source;
 
@@ -25,6 +26,7 @@ pub use container::{ContainerInfo, ContainerRecord, SnapshotSchedule, AUTO_PREFI
 pub use dataset::{Invalidation, RolledBack};
 pub use file::OpenFile;
 pub use ops::{DirEntry, SetAttr, StatFs};
+pub use scrub::{BadChunk, ScrubProgress, ScrubReport};
 pub(crate) use snapshot::View;
 pub use snapshot::{
     check_snapshot_name, is_snapshot_ino, SnapshotDeleted, SnapshotInfo, SnapshotRecord,
@@ -435,6 +437,7 @@ impl Namespace {
             .store(now_ns().max(0) as u64, Ordering::Relaxed);
         ns.load_containers()?;
         ns.commit.lock().next_snapshot = ns.load_snapshots()?;
+        ns.load_quarantine()?;
         ns.ensure_root()?;
         ns.reclaim_orphans()?;
         Ok(ns)
@@ -610,6 +613,9 @@ impl Namespace {
                     .map(|v| (v.len() as u64, chunking::stored_raw_len(&v).unwrap_or(0)));
                 txn.batch.delete(&self.kv, Cf::Chunk, &id.0);
                 txn.batch.delete(&self.kv, Cf::Refcount, &id.0);
+                if self.chunks.is_suspect(id) {
+                    txn.batch.delete(&self.kv, Cf::Meta, &key::quarantine(id));
+                }
                 if let Some((stored, raw)) = stored_len {
                     self.space
                         .reclaimable_bytes
@@ -629,6 +635,7 @@ impl Namespace {
                         counters.stored_bytes.saturating_sub(old_len.unwrap_or(0))
                             + payload.len() as u64;
                     txn.batch.put(&self.kv, Cf::Chunk, &id.0, &payload);
+                    txn.batch.delete(&self.kv, Cf::Meta, &key::quarantine(id));
                     tracing::warn!(
                         "chunk {}: damaged copy replaced by a verified write",
                         id.to_hex()
