@@ -107,6 +107,39 @@ impl Batch {
 pub struct Kv {
     db: rocksdb::DB,
     poisoned: AtomicBool,
+    faults: Faults,
+}
+
+/// Fault injection, for tests of what a failing disk does: read from the environment at
+/// open. `DEDUPFS_FAIL_WRITES_AFTER=N`: writes after the first N fail as an I/O error
+/// would; `DEDUPFS_FAIL_SYNC=1`: every WAL sync fails, and so does every write that must
+/// reach the disk before it returns (fsync).
+struct Faults {
+    /// Writes still allowed; negative when no fault is armed.
+    writes_left: std::sync::atomic::AtomicI64,
+    fail_sync: bool,
+}
+
+impl Faults {
+    fn from_env() -> Faults {
+        let writes_left = std::env::var("DEDUPFS_FAIL_WRITES_AFTER")
+            .ok()
+            .and_then(|v| v.parse::<i64>().ok())
+            .unwrap_or(-1);
+        Faults {
+            writes_left: std::sync::atomic::AtomicI64::new(writes_left),
+            fail_sync: std::env::var_os("DEDUPFS_FAIL_SYNC").is_some_and(|v| v == "1"),
+        }
+    }
+
+    /// An injected failure for this write, if one is due.
+    fn write(&self) -> Option<KvError> {
+        if self.writes_left.load(Ordering::Relaxed) < 0 {
+            return None;
+        }
+        (self.writes_left.fetch_sub(1, Ordering::Relaxed) <= 0)
+            .then(|| KvError::Engine("IO error: injected write failure".into()))
+    }
 }
 
 /// Durability of one write.
@@ -156,6 +189,7 @@ impl Kv {
         Ok(Kv {
             db,
             poisoned: AtomicBool::new(false),
+            faults: Faults::from_env(),
         })
     }
 
@@ -188,8 +222,18 @@ impl Kv {
         }
         let mut opts = rocksdb::WriteOptions::default();
         opts.set_sync(sync == Sync::Disk);
-        self.db.write_opt(batch.inner, &opts).map_err(|e| {
-            let err = KvError::from_engine(e);
+        let injected = self.faults.write().or_else(|| {
+            (self.faults.fail_sync && sync == Sync::Disk)
+                .then(|| KvError::Engine("IO error: injected sync failure".into()))
+        });
+        let written = match injected {
+            Some(injected) => Err(injected),
+            None => self
+                .db
+                .write_opt(batch.inner, &opts)
+                .map_err(KvError::from_engine),
+        };
+        written.map_err(|err| {
             // After a failed write RocksDB's log writer is in an error state (Debian's build
             // even aborts on the next append), so stop writing, whatever the cause. The
             // namespace keeps a free-space reserve so that a full disk is refused before it
@@ -205,9 +249,17 @@ impl Kv {
         if self.is_poisoned() {
             return Err(KvError::Poisoned);
         }
-        self.db.flush_wal(true).map_err(|e| {
+        let synced = if self.faults.fail_sync {
+            Err(KvError::Engine("IO error: injected sync failure".into()))
+        } else {
+            self.db.flush_wal(true).map_err(KvError::from_engine)
+        };
+        synced.map_err(|err| {
+            // After a failed fsync the kernel may have dropped the dirty pages: what the
+            // log holds cannot be trusted any more (the fsyncgate lesson).
             self.poison();
-            KvError::from_engine(e)
+            tracing::error!("store sync failed, turning read-only until remounted: {err}");
+            err
         })
     }
 
