@@ -1,14 +1,18 @@
 //! The namespace as a library, without a mount: a store in a temp dir, operations through
 //! `Namespace`, and fsck clean at the end of every test.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use dedupfs::chunking::{self, ChunkerParams, Compression};
-use dedupfs::format::Kind;
+use dedupfs::format::{key, ExtentRecord, InodeRecord, Kind};
 use dedupfs::fsck;
 use dedupfs::ids::{ChunkId, InodeNo};
-use dedupfs::namespace::{Caller, Counters, FsError, Namespace, SetAttr};
+use dedupfs::kv::Cf;
+use dedupfs::namespace::{
+    is_snapshot_ino, Caller, Counters, FsError, Namespace, SetAttr, SnapshotRecord, SNAPSHOTS_DIR,
+};
 use dedupfs::stats;
 use dedupfs::store::Store;
 use rand::{RngCore, SeedableRng};
@@ -851,13 +855,16 @@ fn random_operations_with_background_commits_match_a_model() {
     }
 }
 
-/// Three seeds from `first`; `DEDUPFS_MODEL_SEEDS=N` runs N of them (a longer soak).
+/// Three seeds from `first`; `DEDUPFS_MODEL_SEEDS=N` runs N of them (a longer soak), and
+/// `DEDUPFS_MODEL_SKIP=K` skips the first K (to rerun one failing seed).
 fn model_seeds(first: u64) -> std::ops::Range<u64> {
-    let n = std::env::var("DEDUPFS_MODEL_SEEDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
-    first..first + n
+    let var = |name: &str, default: u64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    first + var("DEDUPFS_MODEL_SKIP", 0)..first + var("DEDUPFS_MODEL_SEEDS", 3)
 }
 
 fn run_model(seed: u64, steps: usize, dirty_limit: Option<usize>) {
@@ -966,7 +973,7 @@ fn run_model(seed: u64, steps: usize, dirty_limit: Option<usize>) {
 }
 
 /// The directory tree as the model sees it.
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct Tree {
     /// Entries of every directory.
     dirs: std::collections::BTreeMap<InodeNo, std::collections::BTreeMap<Vec<u8>, InodeNo>>,
@@ -1482,4 +1489,1818 @@ fn identical_data_written_and_deleted_concurrently() {
     let left = ns.counters();
     assert_eq!((left.chunks, left.logical_bytes, left.files), (0, 0, 0));
     fx.fsck_clean();
+}
+
+// ---- snapshots ----
+
+/// The live tree of the snapshot model: the structure ([`Tree`]) and what else a snapshot
+/// must keep of every inode.
+#[derive(Clone, Default)]
+struct SnapModel {
+    tree: Tree,
+    perm: BTreeMap<InodeNo, u16>,
+    target: BTreeMap<InodeNo, Vec<u8>>,
+    xattrs: BTreeMap<InodeNo, BTreeMap<Vec<u8>, Vec<u8>>>,
+    /// mtime of a non-directory set by utimens and not changed since.
+    mtime: BTreeMap<InodeNo, i64>,
+}
+
+impl SnapModel {
+    fn new(root: InodeNo, perm: u16) -> SnapModel {
+        let mut m = SnapModel::default();
+        m.tree.dirs.insert(root, Default::default());
+        m.tree.kind.insert(root, Kind::Dir);
+        m.perm.insert(root, perm);
+        m
+    }
+
+    /// Adds a new inode `ino` named `name` in `dir`.
+    fn add(&mut self, dir: InodeNo, name: &[u8], ino: InodeNo, kind: Kind, perm: u16) {
+        self.tree.add_entry(dir, name, ino);
+        self.tree.kind.insert(ino, kind);
+        self.perm.insert(ino, perm);
+        match kind {
+            Kind::Dir => {
+                self.tree.dirs.insert(ino, Default::default());
+                self.tree.parent.insert(ino, dir);
+            }
+            Kind::File => {
+                self.tree.data.insert(ino, Vec::new());
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A snapshot as the model took it: the model at that moment and the live attributes of
+/// every inode right after.
+struct Frozen {
+    rec: SnapshotRecord,
+    model: SnapModel,
+    attrs: BTreeMap<InodeNo, InodeRecord>,
+    /// View inode of every model inode, from the first check on: later checks, and checks
+    /// after a reopen, must find the same numbers.
+    view_inos: Option<BTreeMap<InodeNo, InodeNo>>,
+}
+
+fn lossy(name: &[u8]) -> String {
+    String::from_utf8_lossy(name).into_owned()
+}
+
+/// Walks the tree under `root` (the live container root, or a snapshot view's root) and
+/// checks it against `model`: names, kinds, inode numbers of hard links, link counts,
+/// modes, mtimes set by utimens, sizes, contents, symlink targets and xattrs; with
+/// `attrs`, every attribute but the parent equals the recorded one. Returns the inode
+/// number found for every model inode.
+fn check_against(
+    ns: &Namespace,
+    model: &SnapModel,
+    attrs: Option<&BTreeMap<InodeNo, InodeRecord>>,
+    root: InodeNo,
+    model_root: InodeNo,
+    ctx: &str,
+) -> BTreeMap<InodeNo, InodeNo> {
+    let view = attrs.is_some();
+    let mut found: BTreeMap<InodeNo, InodeNo> = BTreeMap::new();
+    let mut back: BTreeMap<InodeNo, InodeNo> = BTreeMap::new();
+    found.insert(model_root, root);
+    back.insert(root, model_root);
+    let mut stack = vec![(root, model_root)];
+    while let Some((dir, mdir)) = stack.pop() {
+        let entries = ns.readdir(dir).expect(ctx);
+        let got: Vec<String> = entries.iter().map(|e| lossy(&e.name)).collect();
+        let want: Vec<String> = model.tree.dirs[&mdir].keys().map(|n| lossy(n)).collect();
+        assert_eq!(got, want, "{ctx}: listing of {mdir:?} (seen as {dir:?})");
+        for e in &entries {
+            let m = model.tree.dirs[&mdir][&e.name];
+            let kind = model.tree.kind[&m];
+            let what = format!("{ctx}: {:?} in {mdir:?}", lossy(&e.name));
+            assert_eq!(e.kind, kind, "{what}: kind in the listing");
+            assert_eq!(is_snapshot_ino(e.ino), view, "{what}: {:?}", e.ino);
+            let looked = ns.lookup(dir, &e.name).expect(&what);
+            assert_eq!(looked.ino, e.ino, "{what}: lookup and readdir disagree");
+            match found.insert(m, e.ino) {
+                Some(prev) => assert_eq!(prev, e.ino, "{what}: two names of {m:?}"),
+                None => {
+                    if let Some(other) = back.insert(e.ino, m) {
+                        panic!("{what}: {:?} names both {other:?} and {m:?}", e.ino);
+                    }
+                }
+            }
+            if kind == Kind::Dir {
+                assert_eq!(looked.rec.parent, dir, "{what}: parent");
+                stack.push((e.ino, m));
+            }
+        }
+        assert_eq!(
+            ns.lookup(dir, b"no-such-name").map(|a| a.ino),
+            Err(FsError::NotFound),
+            "{ctx}"
+        );
+    }
+    assert_eq!(
+        found.len(),
+        model.tree.kind.len(),
+        "{ctx}: inodes reachable"
+    );
+    let mut rng = rand::rngs::StdRng::seed_from_u64(found.len() as u64);
+    for (m, ino) in &found {
+        use rand::Rng;
+        let what = format!("{ctx}: {m:?} (seen as {ino:?})");
+        let attr = ns.getattr(*ino).expect(&what);
+        assert_eq!(attr.ino, *ino, "{what}");
+        let kind = model.tree.kind[m];
+        assert_eq!(attr.kind(), kind, "{what}: kind");
+        assert_eq!(attr.rec.nlink, model.tree.nlink(*m), "{what}: nlink");
+        assert_eq!(attr.rec.perm, model.perm[m], "{what}: mode");
+        if let Some(t) = model.mtime.get(m) {
+            assert_eq!(attr.rec.mtime, *t, "{what}: mtime");
+        }
+        if let Some(attrs) = attrs {
+            let mut got = attr.rec.clone();
+            got.parent = attrs[m].parent;
+            assert_eq!(&got, &attrs[m], "{what}: attributes");
+        }
+        match kind {
+            Kind::File => {
+                let data = &model.tree.data[m];
+                assert_eq!(attr.rec.size, data.len() as u64, "{what}: size");
+                if view {
+                    ns.open(*ino).expect(&what);
+                }
+                assert!(read_all(ns, *ino) == *data, "{what}: contents");
+                if !data.is_empty() {
+                    let off = rng.gen_range(0..data.len());
+                    let len = rng.gen_range(1..100_000usize);
+                    let got = ns.read(*ino, off as u64, len as u32).expect(&what);
+                    let end = (off + len).min(data.len());
+                    assert!(got == data[off..end], "{what}: {len} bytes at {off}");
+                }
+                assert_eq!(
+                    ns.read(*ino, data.len() as u64, 10).expect(&what),
+                    b"",
+                    "{what}: read at the end"
+                );
+                if view {
+                    ns.release(*ino).expect(&what);
+                }
+            }
+            Kind::Symlink => {
+                assert_eq!(ns.readlink(*ino).expect(&what), model.target[m], "{what}");
+            }
+            _ => {}
+        }
+        let empty = BTreeMap::new();
+        let want = model.xattrs.get(m).unwrap_or(&empty);
+        let list = ns.listxattr(*ino).expect(&what);
+        let mut names: Vec<Vec<u8>> = list
+            .split(|b| *b == 0)
+            .filter(|n| !n.is_empty())
+            .map(|n| n.to_vec())
+            .collect();
+        names.sort();
+        let want_names: Vec<Vec<u8>> = want.keys().cloned().collect();
+        assert_eq!(names, want_names, "{what}: xattr names");
+        for (name, value) in want {
+            assert_eq!(
+                ns.getxattr(*ino, name).as_ref(),
+                Ok(value),
+                "{what}: xattr {}",
+                lossy(name)
+            );
+        }
+        assert_eq!(
+            ns.getxattr(*ino, b"user.none"),
+            Err(FsError::NoAttr),
+            "{what}"
+        );
+    }
+    found
+}
+
+/// Checks one snapshot through its `.snapshots` view against the model taken with it.
+fn check_snapshot(ns: &Namespace, c_root: InodeNo, snap: &mut Frozen, ctx: &str) {
+    let ctx = format!("{ctx}: snapshot {}", snap.rec.name);
+    let dir = ns.lookup(c_root, SNAPSHOTS_DIR).expect(&ctx).ino;
+    let root = ns.lookup(dir, snap.rec.name.as_bytes()).expect(&ctx);
+    assert!(is_snapshot_ino(root.ino), "{ctx}: root {:?}", root.ino);
+    assert_eq!(root.rec.parent, dir, "{ctx}: parent of the root");
+    let found = check_against(ns, &snap.model, Some(&snap.attrs), root.ino, c_root, &ctx);
+    match &snap.view_inos {
+        None => snap.view_inos = Some(found),
+        Some(before) => assert_eq!(&found, before, "{ctx}: view inode numbers changed"),
+    }
+}
+
+/// Checks every snapshot, the `.snapshots` listing and the live tree.
+fn check_all(ns: &Namespace, c_root: InodeNo, model: &SnapModel, snaps: &mut [Frozen], ctx: &str) {
+    check_against(ns, model, None, c_root, c_root, &format!("{ctx}: live"));
+    let dir = ns.lookup(c_root, SNAPSHOTS_DIR).expect(ctx);
+    assert_eq!(
+        dir.rec.nlink,
+        2 + snaps.len() as u32,
+        "{ctx}: nlink of .snapshots"
+    );
+    let listed: Vec<(String, InodeNo)> = ns
+        .readdir(dir.ino)
+        .expect(ctx)
+        .into_iter()
+        .map(|e| (lossy(&e.name), e.ino))
+        .collect();
+    let mut want = Vec::new();
+    for s in snaps.iter_mut() {
+        check_snapshot(ns, c_root, s, ctx);
+        let root = s.view_inos.as_ref().expect("checked")[&c_root];
+        want.push((s.rec.name.clone(), root));
+    }
+    assert_eq!(listed, want, "{ctx}: listing of .snapshots");
+}
+
+/// Every mutating call on inodes of a snapshot view (and on `.snapshots`) is EROFS, and
+/// `.snapshots` is a reserved name in the container root.
+fn check_read_only(ns: &Namespace, c_root: InodeNo, snap: &Frozen, ctx: &str) {
+    let ctx = format!("{ctx}: read-only {}", snap.rec.name);
+    let dir = ns.lookup(c_root, SNAPSHOTS_DIR).expect(&ctx).ino;
+    let inos = snap.view_inos.as_ref().expect("checked");
+    let root = inos[&c_root];
+    let live_file = ns
+        .create_file(c_root, b"ro-probe", 0o644, ROOT)
+        .expect(&ctx)
+        .ino;
+    let chmod = SetAttr {
+        mode: Some(0o600),
+        ..Default::default()
+    };
+    let resize = SetAttr {
+        size: Some(1),
+        ..Default::default()
+    };
+    let touch = SetAttr {
+        mtime: Some(Some(1)),
+        ..Default::default()
+    };
+    for (m, ino) in inos.iter() {
+        let what = format!("{ctx}: {m:?} seen as {ino:?}");
+        let kind = snap.model.tree.kind[m];
+        let erofs = Err(FsError::ReadOnly);
+        assert_eq!(ns.write(*ino, 0, b"x"), erofs.map(|()| 0), "{what}: write");
+        assert_eq!(
+            ns.setattr(*ino, &chmod, ROOT).map(|_| ()),
+            erofs,
+            "{what}: chmod"
+        );
+        assert_eq!(
+            ns.setattr(*ino, &resize, ROOT).map(|_| ()),
+            erofs,
+            "{what}: truncate"
+        );
+        assert_eq!(
+            ns.setattr(*ino, &touch, ROOT).map(|_| ()),
+            erofs,
+            "{what}: utimens"
+        );
+        assert_eq!(
+            ns.setxattr(*ino, b"user.ro", b"v", false, false, ROOT),
+            erofs,
+            "{what}: setxattr"
+        );
+        assert_eq!(
+            ns.removexattr(*ino, b"user.a", ROOT),
+            erofs,
+            "{what}: removexattr"
+        );
+        if kind != Kind::Dir {
+            assert_eq!(
+                ns.link(*ino, c_root, b"ro-link", ROOT).map(|_| ()),
+                erofs,
+                "{what}: link out of the snapshot"
+            );
+            continue;
+        }
+        for k in [Kind::File, Kind::Dir, Kind::Symlink] {
+            assert_eq!(
+                ns.make_node(*ino, b"ro-new", k, 0o644, 0, b"t", ROOT)
+                    .map(|_| ()),
+                erofs,
+                "{what}: create {k:?}"
+            );
+        }
+        assert_eq!(
+            ns.link(live_file, *ino, b"ro-link", ROOT).map(|_| ()),
+            erofs,
+            "{what}: link into the snapshot"
+        );
+        for name in snap.model.tree.dirs[m].keys() {
+            assert_eq!(ns.unlink(*ino, name, ROOT), erofs, "{what}: unlink");
+            assert_eq!(ns.rmdir(*ino, name, ROOT), erofs, "{what}: rmdir");
+            assert_eq!(
+                ns.rename(*ino, name, *ino, b"ro-renamed", false, false, ROOT),
+                erofs,
+                "{what}: rename"
+            );
+            assert_eq!(
+                ns.rename(*ino, name, c_root, b"ro-renamed", false, false, ROOT),
+                erofs,
+                "{what}: rename out"
+            );
+        }
+        assert_eq!(
+            ns.rename(c_root, b"ro-probe", *ino, b"ro-probe", false, false, ROOT),
+            erofs,
+            "{what}: rename in"
+        );
+    }
+    // `.snapshots` itself: no snapshot is made, renamed or removed through it.
+    let erofs = Err(FsError::ReadOnly);
+    assert_eq!(
+        ns.make_node(dir, b"new", Kind::Dir, 0o755, 0, b"", ROOT)
+            .map(|_| ()),
+        erofs
+    );
+    let name = snap.rec.name.as_bytes();
+    assert_eq!(
+        ns.rmdir(dir, name, ROOT),
+        erofs,
+        "{ctx}: rmdir of a snapshot"
+    );
+    assert_eq!(
+        ns.rename(dir, name, dir, b"renamed", false, false, ROOT),
+        erofs,
+        "{ctx}: rename of a snapshot"
+    );
+    assert_eq!(ns.setattr(dir, &chmod, ROOT).map(|_| ()), erofs);
+    assert_eq!(ns.lookup(dir, name).map(|a| a.ino), Ok(root));
+    // The reserved name.
+    for kind in [Kind::File, Kind::Dir, Kind::Symlink] {
+        assert_eq!(
+            ns.make_node(c_root, SNAPSHOTS_DIR, kind, 0o755, 0, b"t", ROOT)
+                .map(|_| ()),
+            Err(FsError::Exists),
+            "{ctx}: create .snapshots as {kind:?}"
+        );
+    }
+    assert_eq!(
+        ns.rename(
+            c_root,
+            b"ro-probe",
+            c_root,
+            SNAPSHOTS_DIR,
+            false,
+            false,
+            ROOT
+        ),
+        Err(FsError::Exists)
+    );
+    assert_eq!(
+        ns.link(live_file, c_root, SNAPSHOTS_DIR, ROOT).map(|_| ()),
+        Err(FsError::Exists)
+    );
+    ns.unlink(c_root, b"ro-probe", ROOT).expect(&ctx);
+}
+
+/// Raw store after the last snapshot of every container is gone: no dead lists, one
+/// version of every object and no tombstones; the stored bytes are exactly those of the
+/// chunks live extents name.
+fn check_no_snapshot_leftovers(ns: &Namespace, ctx: &str) {
+    check_leftovers(ns, false, ctx)
+}
+
+/// [`check_no_snapshot_leftovers`], tolerating lone tombstones when `tombstones`
+/// (rollbacks leave some: rollback_leaves_no_lone_tombstone).
+fn check_leftovers(ns: &Namespace, tombstones: bool, ctx: &str) {
+    let kv = &ns.store().kv;
+    assert_eq!(
+        kv.scan_prefix(Cf::Deadlist, b"").count(),
+        0,
+        "{ctx}: dead lists"
+    );
+    for cf in [Cf::Inode, Cf::Dirent, Cf::Extent, Cf::Xattr] {
+        let mut objects = std::collections::HashSet::new();
+        for item in kv.scan_prefix(cf, b"") {
+            let (k, v) = item.expect("scan");
+            assert!(
+                tombstones || !dedupfs::format::is_tombstone(&v),
+                "{ctx}: {cf:?} tombstone {} left behind",
+                hex::encode(&k)
+            );
+            let (object, _) = key::split_versioned(&k).expect("versioned key");
+            assert!(
+                objects.insert(object.to_vec()),
+                "{ctx}: {cf:?} {} has two versions",
+                hex::encode(object)
+            );
+        }
+    }
+    let mut named = std::collections::HashSet::new();
+    for item in kv.scan_prefix(Cf::Extent, b"") {
+        let (_, v) = item.expect("scan");
+        named.insert(ExtentRecord::decode(&v).expect("extent").chunk);
+    }
+    let mut stored = 0u64;
+    for id in &named {
+        stored += kv.get(Cf::Chunk, &id.0).expect("get").expect("chunk").len() as u64;
+    }
+    assert_eq!(
+        kv.scan_prefix(Cf::Chunk, b"").count(),
+        named.len(),
+        "{ctx}: chunks"
+    );
+    assert_eq!(ns.counters().stored_bytes, stored, "{ctx}: stored bytes");
+}
+
+/// Random operations on a container (writes at random offsets, overwrites and large files
+/// that re-chunk, truncates, renames, links, unlinks, mkdir/rmdir, chmod, utimens, xattrs,
+/// symlinks, files held open with pending writes) interleaved with snapshot creation and
+/// deletion and a reopen of the store. Every snapshot, read through `.snapshots`, must
+/// equal a copy of the model taken when it was made, until it is deleted; the space a
+/// deletion gives back is what `list_snapshots` promised; fsck is clean after every
+/// snapshot creation and deletion; with every snapshot deleted, nothing of them is left.
+#[test]
+fn snapshots_match_a_model() {
+    for seed in model_seeds(3001) {
+        let avg = if seed % 2 == 1 { Some(4096) } else { None };
+        run_snapshot_model(seed, 400, avg, None);
+    }
+}
+
+/// The same with background commits: a snapshot is taken while commits are in flight.
+#[test]
+fn snapshots_with_background_commits_match_a_model() {
+    for seed in model_seeds(4001) {
+        run_snapshot_model(seed, 300, Some(4096), Some(16 << 10));
+    }
+}
+
+/// Chooses a snapshot to delete: oldest, one in the middle, or newest.
+fn pick_snapshot(rng: &mut impl rand::Rng, n: usize) -> usize {
+    match rng.gen_range(0..3) {
+        0 => 0,
+        1 if n > 2 => rng.gen_range(1..n - 1),
+        _ => n - 1,
+    }
+}
+
+fn run_snapshot_model(seed: u64, steps: usize, avg: Option<u64>, dirty_limit: Option<usize>) {
+    use rand::seq::SliceRandom;
+    use rand::Rng;
+    let params = match avg {
+        Some(a) => ChunkerParams::with_average(a).expect("params"),
+        None => ChunkerParams::default(),
+    };
+    let mut fx = Fixture::with(params, Compression::Zstd(1));
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let pool = random(1 << 20, seed + 5000);
+    let c = fx
+        .ns()
+        .create_container("s", ROOT, 0o755)
+        .expect("container");
+    let croot = c.root;
+    if let Some(limit) = dirty_limit {
+        fx.ns().set_dirty_limit(limit);
+    }
+    let mut model = SnapModel::new(croot, 0o755);
+    let mut snaps: Vec<Frozen> = Vec::new();
+    let mut handles: Vec<InodeNo> = Vec::new();
+    // View inodes of deleted snapshots: they must stay unknown.
+    let mut dead_views: Vec<InodeNo> = Vec::new();
+    let mut deleted_names: Vec<String> = Vec::new();
+    let mut next_name = 0;
+    // Deletions by position: only one, oldest, middle, newest.
+    let mut paths = [0usize; 4];
+    let mut reopens = 0;
+    let (mut rollbacks, mut clones) = (0, 0);
+    // DEDUPFS_MODEL_TRACE=1 prints every operation, to find what broke a failing seed.
+    let trace = std::env::var_os("DEDUPFS_MODEL_TRACE").is_some();
+    let names: [&[u8]; 5] = [b"a", b"b", b"c", b"d", b"e"];
+    let xnames: [&[u8]; 3] = [b"user.a", b"user.b", b"trusted.c"];
+    let quiesce = |ns: &Namespace, handles: &[InodeNo]| {
+        // fsck reads without a database snapshot: let background commits finish.
+        if dirty_limit.is_some() {
+            for h in handles {
+                ns.flush(*h).expect("flush");
+            }
+        }
+    };
+
+    let data_for = |rng: &mut rand::rngs::StdRng, len: usize, salt: u64| -> Vec<u8> {
+        match rng.gen_range(0..4) {
+            0 => vec![0u8; len],
+            1 | 2 => {
+                let at = rng.gen_range(0..=pool.len() - len);
+                pool[at..at + len].to_vec()
+            }
+            _ => random(len, salt),
+        }
+    };
+    let mut step = 0;
+    let final_phase = steps;
+    while step < final_phase + 40 {
+        let ctx = format!("seed {seed} step {step}");
+        let op = if step >= final_phase {
+            // The end: at least three snapshots, then all deleted (middle, oldest, newest,
+            // then the rest), with a few changes in between.
+            if snaps.len() < 3 && step < final_phase + 30 {
+                if step % 3 == 0 {
+                    88
+                } else {
+                    rng.gen_range(0..60)
+                }
+            } else if !snaps.is_empty() {
+                93
+            } else {
+                break;
+            }
+        } else if step == steps / 2 && reopens == 0 {
+            97
+        } else {
+            rng.gen_range(0..104)
+        };
+        step += 1;
+        if op == 97 {
+            // Reopen: pending writes go first (a drop without shutdown would lose them).
+            for h in handles.drain(..) {
+                fx.ns().release(h).expect(&ctx);
+            }
+            fx.reopen();
+            if let Some(limit) = dirty_limit {
+                fx.ns().set_dirty_limit(limit);
+            }
+            reopens += 1;
+            let ns = fx.ns();
+            let records = ns.snapshots_of(c.id);
+            let frozen: Vec<SnapshotRecord> = snaps.iter().map(|s| s.rec.clone()).collect();
+            assert_eq!(records, frozen, "{ctx}: snapshot records after reopen");
+            check_all(
+                ns,
+                croot,
+                &model,
+                &mut snaps,
+                &format!("{ctx} after reopen"),
+            );
+            for v in &dead_views {
+                assert_eq!(
+                    ns.getattr(*v).map(|a| a.ino),
+                    Err(FsError::NotFound),
+                    "{ctx}"
+                );
+            }
+            fx.fsck_clean();
+            continue;
+        }
+        let ns = fx.ns();
+        let dirs: Vec<InodeNo> = model.tree.dirs.keys().copied().collect();
+        let dir = *dirs.choose(&mut rng).expect("a directory");
+        let name = *names.choose(&mut rng).expect("a name");
+        let exists = model.tree.lookup(dir, name);
+        let files: Vec<InodeNo> = model.tree.data.keys().copied().collect();
+        let all: Vec<InodeNo> = model.tree.kind.keys().copied().collect();
+        if trace {
+            eprintln!(
+                "{ctx}: op {op} in {dir:?} name {} ({exists:?}), open {handles:?}",
+                lossy(name)
+            );
+        }
+        let mut reopen_now = false;
+        match op {
+            0..=21 => {
+                let Some(&f) = files.choose(&mut rng) else {
+                    continue;
+                };
+                let len_now = model.tree.data[&f].len();
+                let big = rng.gen_bool(0.1);
+                let len = if big {
+                    rng.gen_range(200_000..600_000)
+                } else {
+                    rng.gen_range(1..20_000)
+                };
+                let mut off = if big && rng.gen_bool(0.5) {
+                    0
+                } else if rng.gen_bool(0.05) {
+                    len_now + rng.gen_range(0..100_000)
+                } else {
+                    rng.gen_range(0..=len_now)
+                };
+                off = off.min((1 << 20) - len);
+                let data = data_for(&mut rng, len, seed << 32 | step as u64);
+                ns.write(f, off as u64, &data).expect(&ctx);
+                let m = model.tree.data.get_mut(&f).expect("file");
+                if m.len() < off + len {
+                    m.resize(off + len, 0);
+                }
+                m[off..off + len].copy_from_slice(&data);
+                model.mtime.remove(&f);
+            }
+            22..=27 => {
+                let Some(&f) = files.choose(&mut rng) else {
+                    continue;
+                };
+                let m = model.tree.data.get_mut(&f).expect("file");
+                let size = rng.gen_range(0..m.len() + 50_000);
+                truncate(ns, f, size as u64);
+                m.resize(size, 0);
+                model.mtime.remove(&f);
+            }
+            28..=35 => {
+                let perm = *[0o644u16, 0o600, 0o755, 0o4755]
+                    .choose(&mut rng)
+                    .expect("perm");
+                let got = ns.create_file(dir, name, perm, ROOT).map(|a| a.ino);
+                match exists {
+                    Some(_) => assert_eq!(got, Err(FsError::Exists), "{ctx}"),
+                    None => {
+                        let ino = got.expect(&ctx);
+                        model.add(dir, name, ino, Kind::File, perm);
+                        let len = if rng.gen_bool(0.1) {
+                            rng.gen_range(200_000..600_000)
+                        } else {
+                            rng.gen_range(0..30_000)
+                        };
+                        let data = data_for(&mut rng, len, seed << 32 | step as u64);
+                        ns.write(ino, 0, &data).expect(&ctx);
+                        model.tree.data.insert(ino, data);
+                    }
+                }
+            }
+            36..=40 => {
+                let perm = *[0o755u16, 0o700, 0o1777, 0o750]
+                    .choose(&mut rng)
+                    .expect("perm");
+                let got = ns
+                    .make_node(dir, name, Kind::Dir, perm, 0, b"", ROOT)
+                    .map(|a| a.ino);
+                match exists {
+                    Some(_) => assert_eq!(got, Err(FsError::Exists), "{ctx}"),
+                    None => model.add(dir, name, got.expect(&ctx), Kind::Dir, perm),
+                }
+            }
+            41..=43 => {
+                let len = rng.gen_range(1..200);
+                let target: Vec<u8> = (0..len).map(|_| rng.gen_range(b'!'..=b'~')).collect();
+                let got = ns
+                    .make_node(dir, name, Kind::Symlink, 0o777, 0, &target, ROOT)
+                    .map(|a| a.ino);
+                match exists {
+                    Some(_) => assert_eq!(got, Err(FsError::Exists), "{ctx}"),
+                    None => {
+                        let ino = got.expect(&ctx);
+                        model.add(dir, name, ino, Kind::Symlink, 0o777);
+                        model.target.insert(ino, target);
+                    }
+                }
+            }
+            44..=48 => {
+                let src = *all.choose(&mut rng).expect("an inode");
+                let got = ns.link(src, dir, name, ROOT).map(|a| a.ino);
+                if model.tree.kind[&src] == Kind::Dir {
+                    assert_eq!(got, Err(FsError::NotPermitted), "{ctx}");
+                } else if exists.is_some() {
+                    assert_eq!(got, Err(FsError::Exists), "{ctx}");
+                } else {
+                    assert_eq!(got, Ok(src), "{ctx}");
+                    model.tree.add_entry(dir, name, src);
+                }
+            }
+            49..=55 => {
+                let got = ns.unlink(dir, name, ROOT);
+                match exists {
+                    None => assert_eq!(got, Err(FsError::NotFound), "{ctx}"),
+                    Some(ino) if model.tree.kind[&ino] == Kind::Dir => {
+                        assert_eq!(got, Err(FsError::IsDir), "{ctx}")
+                    }
+                    Some(ino) => {
+                        assert_eq!(got, Ok(()), "{ctx}");
+                        model.tree.dirs.get_mut(&dir).expect("dir").remove(name);
+                        model.tree.unref(ino);
+                    }
+                }
+            }
+            56..=59 => {
+                let got = ns.rmdir(dir, name, ROOT);
+                match exists {
+                    None => assert_eq!(got, Err(FsError::NotFound), "{ctx}"),
+                    Some(ino) if model.tree.kind[&ino] != Kind::Dir => {
+                        assert_eq!(got, Err(FsError::NotDir), "{ctx}")
+                    }
+                    Some(ino) if !model.tree.dirs[&ino].is_empty() => {
+                        assert_eq!(got, Err(FsError::NotEmpty), "{ctx}")
+                    }
+                    Some(ino) => {
+                        assert_eq!(got, Ok(()), "{ctx}");
+                        model.tree.dirs.get_mut(&dir).expect("dir").remove(name);
+                        model.tree.unref(ino);
+                    }
+                }
+            }
+            60..=68 => {
+                let to = *dirs.choose(&mut rng).expect("a directory");
+                let to_name = *names.choose(&mut rng).expect("a name");
+                let (noreplace, exchange) = match rng.gen_range(0..6) {
+                    0 => (true, false),
+                    1 => (false, true),
+                    _ => (false, false),
+                };
+                let got = ns.rename(dir, name, to, to_name, noreplace, exchange, ROOT);
+                let want = model
+                    .tree
+                    .rename((dir, name), (to, to_name), noreplace, exchange);
+                assert_eq!(got, want, "{ctx}: rename");
+            }
+            69..=72 => {
+                let ino = *all.choose(&mut rng).expect("an inode");
+                if model.tree.kind[&ino] == Kind::Symlink {
+                    continue;
+                }
+                let mode = *[0o600u32, 0o644, 0o755, 0o4755, 0o640, 0o777, 0o1755]
+                    .choose(&mut rng)
+                    .expect("mode");
+                let set = SetAttr {
+                    mode: Some(mode),
+                    ..Default::default()
+                };
+                ns.setattr(ino, &set, ROOT).expect(&ctx);
+                model.perm.insert(ino, mode as u16);
+            }
+            73..=75 => {
+                let ino = *all.choose(&mut rng).expect("an inode");
+                let mtime = rng.gen_range(0..2_000_000_000i64) * 1_000_000_000
+                    + rng.gen_range(0..1_000_000_000);
+                let set = SetAttr {
+                    atime: Some(Some(mtime - 5)),
+                    mtime: Some(Some(mtime)),
+                    ..Default::default()
+                };
+                if handles.contains(&ino) {
+                    // utimens while writes are pending is lost to the writes' time
+                    // (utimens_while_writes_are_pending_is_kept); not what this test is about.
+                    ns.flush(ino).expect(&ctx);
+                }
+                ns.setattr(ino, &set, ROOT).expect(&ctx);
+                if model.tree.kind[&ino] != Kind::Dir {
+                    model.mtime.insert(ino, mtime);
+                }
+            }
+            76..=80 => {
+                let ino = *all.choose(&mut rng).expect("an inode");
+                let xname = *xnames.choose(&mut rng).expect("xattr name");
+                let value = random(rng.gen_range(0..300), seed << 32 | step as u64);
+                let (create, replace) = match rng.gen_range(0..4) {
+                    0 => (true, false),
+                    1 => (false, true),
+                    _ => (false, false),
+                };
+                let had = model
+                    .xattrs
+                    .get(&ino)
+                    .is_some_and(|x| x.contains_key(xname));
+                let got = ns.setxattr(ino, xname, &value, create, replace, ROOT);
+                if create && had {
+                    assert_eq!(got, Err(FsError::Exists), "{ctx}");
+                } else if replace && !had {
+                    assert_eq!(got, Err(FsError::NoAttr), "{ctx}");
+                } else {
+                    assert_eq!(got, Ok(()), "{ctx}");
+                    model
+                        .xattrs
+                        .entry(ino)
+                        .or_default()
+                        .insert(xname.to_vec(), value);
+                }
+            }
+            81..=83 => {
+                let ino = *all.choose(&mut rng).expect("an inode");
+                let xname = *xnames.choose(&mut rng).expect("xattr name");
+                let had = model
+                    .xattrs
+                    .get(&ino)
+                    .is_some_and(|x| x.contains_key(xname));
+                let got = ns.removexattr(ino, xname, ROOT);
+                if had {
+                    assert_eq!(got, Ok(()), "{ctx}");
+                    model.xattrs.get_mut(&ino).expect("xattrs").remove(xname);
+                } else {
+                    assert_eq!(got, Err(FsError::NoAttr), "{ctx}");
+                }
+            }
+            84..=87 => {
+                if !handles.is_empty() && rng.gen_bool(0.5) {
+                    let i = rng.gen_range(0..handles.len());
+                    let f = handles.swap_remove(i);
+                    ns.release(f).expect(&ctx);
+                } else if let Some(&f) = files.choose(&mut rng) {
+                    ns.open(f).expect(&ctx);
+                    handles.push(f);
+                }
+            }
+            88..=92 => {
+                if snaps.len() >= 6 {
+                    continue;
+                }
+                // Now and then a name that a deleted snapshot had.
+                let name = match deleted_names.choose(&mut rng) {
+                    Some(n) if rng.gen_bool(0.3) => n.clone(),
+                    _ => {
+                        next_name += 1;
+                        format!("snap-{next_name}")
+                    }
+                };
+                let rec = ns.create_snapshot("s", Some(&name)).expect(&ctx);
+                if trace {
+                    eprintln!("{ctx}: snapshot {name} at epoch {:?}", rec.epoch);
+                }
+                deleted_names.retain(|n| *n != name);
+                assert_eq!(rec.name, name, "{ctx}");
+                assert_eq!(
+                    ns.create_snapshot("s", Some(&name)).map(|_| ()),
+                    Err(FsError::Exists),
+                    "{ctx}: a second snapshot of one name"
+                );
+                let counts = (
+                    model.tree.data.len() as u64,
+                    model.tree.dirs.len() as u64 - 1,
+                );
+                assert_eq!((rec.files, rec.dirs), counts, "{ctx}: snapshot counts");
+                let live = ns.container_by_name("s").expect("container");
+                assert_eq!(rec.logical_bytes, live.logical_bytes, "{ctx}");
+                let attrs = model
+                    .tree
+                    .kind
+                    .keys()
+                    .map(|ino| (*ino, ns.getattr(*ino).expect(&ctx).rec))
+                    .collect();
+                snaps.push(Frozen {
+                    rec,
+                    model: model.clone(),
+                    attrs,
+                    view_inos: None,
+                });
+                let last = snaps.last_mut().expect("just pushed");
+                check_snapshot(ns, croot, last, &ctx);
+                quiesce(ns, &handles);
+                fx.fsck_clean();
+            }
+            93..=96 => {
+                if snaps.is_empty() {
+                    continue;
+                }
+                let n = snaps.len();
+                let i = if step > final_phase {
+                    // The end: middle, oldest, newest, then in order.
+                    match paths {
+                        [_, _, 0, _] if n > 2 => n / 2,
+                        [_, 0, _, _] if n > 1 => 0,
+                        [_, _, _, 0] if n > 1 => n - 1,
+                        _ => pick_snapshot(&mut rng, n),
+                    }
+                } else {
+                    pick_snapshot(&mut rng, n)
+                };
+                let path = match (i, n) {
+                    (_, 1) => 0,
+                    (0, _) => 1,
+                    (i, n) if i + 1 == n => 3,
+                    _ => 2,
+                };
+                let name = snaps[i].rec.name.clone();
+                // An open file of the snapshot keeps it.
+                if let Some((m, v)) = snaps[i].view_inos.as_ref().and_then(|inos| {
+                    inos.iter()
+                        .find(|(m, _)| snaps[i].model.tree.kind[m] == Kind::File)
+                        .map(|(m, v)| (*m, *v))
+                }) {
+                    ns.open(v).expect(&ctx);
+                    assert_eq!(
+                        ns.delete_snapshot("s", &name).map(|_| ()),
+                        Err(FsError::Busy),
+                        "{ctx}: snapshot with an open file ({m:?})"
+                    );
+                    ns.release(v).expect(&ctx);
+                }
+                // Background commits landing in between would change what it holds.
+                quiesce(ns, &handles);
+                let info = ns.list_snapshots("s").expect(&ctx);
+                let listed: Vec<&str> = info.iter().map(|s| s.name.as_str()).collect();
+                let want: Vec<&str> = snaps.iter().map(|s| s.rec.name.as_str()).collect();
+                assert_eq!(listed, want, "{ctx}: list_snapshots");
+                for (s, f) in info.iter().zip(&snaps) {
+                    assert_eq!(
+                        (s.id, s.created_ns, s.files, s.dirs, s.logical_bytes),
+                        (
+                            f.rec.id.0,
+                            f.rec.created_ns,
+                            f.rec.files,
+                            f.rec.dirs,
+                            f.rec.logical_bytes
+                        ),
+                        "{ctx}: list_snapshots of {}",
+                        s.name
+                    );
+                }
+                let promised = info[i].reclaimable_bytes;
+                let before = ns.counters().stored_bytes;
+                let deleted = ns.delete_snapshot("s", &name).expect(&ctx);
+                if trace {
+                    eprintln!("{ctx}: deleted snapshot {name} ({i} of {n})");
+                }
+                let after = ns.counters().stored_bytes;
+                assert_eq!(deleted.reclaimed_bytes, before - after, "{ctx}: reclaimed");
+                assert_eq!(
+                    deleted.reclaimed_bytes, promised,
+                    "{ctx}: reclaimed differs from what list_snapshots promised"
+                );
+                paths[path] += 1;
+                let gone = snaps.remove(i);
+                if let Some(inos) = &gone.view_inos {
+                    dead_views.extend(inos.values().copied());
+                }
+                deleted_names.push(name.clone());
+                let dir = ns.lookup(croot, SNAPSHOTS_DIR).expect(&ctx).ino;
+                assert_eq!(
+                    ns.lookup(dir, name.as_bytes()).map(|a| a.ino),
+                    Err(FsError::NotFound),
+                    "{ctx}: deleted snapshot"
+                );
+                assert_eq!(
+                    ns.delete_snapshot("s", &name).map(|_| ()),
+                    Err(FsError::NotFound),
+                    "{ctx}"
+                );
+                for v in &dead_views {
+                    assert_eq!(
+                        ns.getattr(*v).map(|a| a.ino),
+                        Err(FsError::NotFound),
+                        "{ctx}"
+                    );
+                }
+                check_all(ns, croot, &model, &mut snaps, &ctx);
+                quiesce(ns, &handles);
+                fx.fsck_clean();
+            }
+            98 | 99 => {
+                if let Some(s) = snaps.choose(&mut rng) {
+                    if s.view_inos.is_some() {
+                        check_read_only(ns, croot, s, &ctx);
+                    }
+                }
+            }
+            100 | 101 => {
+                // Rollback to a random snapshot: newer ones go, live is the snapshot again.
+                if snaps.is_empty() {
+                    continue;
+                }
+                let i = rng.gen_range(0..snaps.len());
+                let name = snaps[i].rec.name.clone();
+                if !handles.is_empty() {
+                    assert_eq!(
+                        ns.rollback("s", &name, false, true).map(|_| ()),
+                        Err(FsError::Busy),
+                        "{ctx}: rollback with open files"
+                    );
+                    for h in handles.drain(..) {
+                        ns.release(h).expect(&ctx);
+                    }
+                }
+                let newer = snaps.len() - 1 - i;
+                if newer > 0 {
+                    assert_eq!(
+                        ns.rollback("s", &name, false, false).map(|_| ()),
+                        Err(FsError::NotEmpty),
+                        "{ctx}: rollback past newer snapshots"
+                    );
+                }
+                let done = ns.rollback("s", &name, false, true).expect(&ctx);
+                if trace {
+                    eprintln!("{ctx}: rolled back to {name}: {done:?}");
+                }
+                rollbacks += 1;
+                assert_eq!(done.snapshots_deleted, newer as u64, "{ctx}");
+                for gone in snaps.drain(i + 1..) {
+                    if let Some(inos) = &gone.view_inos {
+                        dead_views.extend(inos.values().copied());
+                    }
+                    deleted_names.push(gone.rec.name.clone());
+                }
+                model = snaps[i].model.clone();
+                for (ino, want) in &snaps[i].attrs {
+                    let got = ns.getattr(*ino).expect(&ctx).rec;
+                    assert_eq!(&got, want, "{ctx}: {ino:?} after rollback to {name}");
+                }
+                check_all(ns, croot, &model, &mut snaps, &format!("{ctx} rollback"));
+                for v in &dead_views {
+                    assert_eq!(
+                        ns.getattr(*v).map(|a| a.ino),
+                        Err(FsError::NotFound),
+                        "{ctx}"
+                    );
+                }
+                fx.fsck_clean();
+                // A snapshot taken while an unlinked file was open restores it as an
+                // orphan that no one holds; a later rollback past it would keep it
+                // (rollback_past_a_restored_orphan). The next open reclaims it.
+                let orphans = ns
+                    .store()
+                    .kv
+                    .scan_prefix(Cf::Meta, dedupfs::format::meta::ORPHAN_PREFIX)
+                    .count();
+                reopen_now = orphans > 0;
+            }
+            102 | 103 => {
+                // A clone of a random snapshot holds what the snapshot holds, and changes
+                // to it reach neither the snapshot nor the container.
+                let Some(snap) = snaps.choose(&mut rng) else {
+                    continue;
+                };
+                let clone = ns
+                    .clone_container("s", &snap.rec.name, "clone")
+                    .expect(&ctx);
+                let cctx = format!("{ctx}: clone of {}", snap.rec.name);
+                clones += 1;
+                let found = check_against(ns, &snap.model, None, clone.root, croot, &cctx);
+                let live_inos: std::collections::HashSet<InodeNo> =
+                    model.tree.kind.keys().copied().collect();
+                for (m, ino) in &found {
+                    assert!(!live_inos.contains(ino), "{cctx}: {m:?} shares {ino:?}");
+                }
+                for (m, ino) in &found {
+                    if snap.model.tree.kind[m] == Kind::File {
+                        ns.write(*ino, 0, b"changed in the clone").expect(&cctx);
+                    } else if snap.model.tree.kind[m] == Kind::Dir {
+                        let _ = ns.create_file(*ino, b"clone-only", 0o644, ROOT);
+                    }
+                }
+                quiesce(ns, &handles);
+                fx.fsck_clean();
+                ns.delete_container("clone", true).expect(&cctx);
+                check_all(ns, croot, &model, &mut snaps, &cctx);
+                quiesce(ns, &handles);
+                fx.fsck_clean();
+            }
+            _ => {}
+        }
+        if step % 10 == 0 {
+            check_against(ns, &model, None, croot, croot, &format!("{ctx}: live"));
+        }
+        if step % 40 == 0 {
+            check_all(ns, croot, &model, &mut snaps, &ctx);
+            quiesce(ns, &handles);
+            fx.fsck_clean();
+        }
+        if reopen_now {
+            fx.reopen();
+            if let Some(limit) = dirty_limit {
+                fx.ns().set_dirty_limit(limit);
+            }
+            reopens += 1;
+            check_all(
+                fx.ns(),
+                croot,
+                &model,
+                &mut snaps,
+                &format!("{ctx} reopened"),
+            );
+            fx.fsck_clean();
+        }
+    }
+    assert!(
+        snaps.is_empty(),
+        "seed {seed}: snapshots left: {}",
+        snaps.len()
+    );
+    assert!(
+        paths.iter().all(|n| *n > 0),
+        "seed {seed}: deletions by position (only, oldest, middle, newest): {paths:?}"
+    );
+    assert_eq!(reopens.min(1), 1);
+    eprintln!(
+        "seed {seed}: {next_name} snapshots named, deletions (only, oldest, middle, newest) \
+         {paths:?}, {rollbacks} rollback(s), {clones} clone(s), {reopens} reopen(s), {} inodes \
+         at the end",
+        model.tree.kind.len()
+    );
+    let ctx = format!("seed {seed} end");
+    for h in handles.drain(..) {
+        fx.ns().release(h).expect(&ctx);
+    }
+    let ns = fx.ns();
+    let dir = ns.lookup(croot, SNAPSHOTS_DIR).expect(&ctx).ino;
+    assert_eq!(ns.readdir(dir).expect(&ctx), vec![], "{ctx}");
+    check_against(ns, &model, None, croot, croot, &ctx);
+    fx.fsck_clean();
+    check_leftovers(ns, rollbacks > 0, &ctx);
+    fx.reopen();
+    check_against(
+        fx.ns(),
+        &model,
+        None,
+        croot,
+        croot,
+        &format!("{ctx} after reopen"),
+    );
+    fx.fsck_clean();
+}
+
+/// utimens on a file whose writes are still pending (cp -p sets the times on the open
+/// file before closing it) must stick: the pending writes' time may not override it.
+#[test]
+#[ignore = "bug: the pending writes' mtime overrides an explicit utimens"]
+fn utimens_while_writes_are_pending_is_kept() {
+    let fx = Fixture::new();
+    let ns = fx.ns();
+    let c = ns.create_container("c", ROOT, 0o755).expect("container");
+    let f = create(ns, c.root, "f");
+    ns.open(f).expect("open");
+    ns.write(f, 0, b"pending").expect("write");
+    let set = SetAttr {
+        mtime: Some(Some(1_000_000_000)),
+        ..Default::default()
+    };
+    let got = ns.setattr(f, &set, ROOT).expect("utimens");
+    assert_eq!(got.rec.mtime, 1_000_000_000, "setattr reply");
+    assert_eq!(
+        ns.getattr(f).expect("getattr").rec.mtime,
+        1_000_000_000,
+        "getattr while open"
+    );
+    ns.release(f).expect("release");
+    assert_eq!(
+        ns.getattr(f).expect("getattr").rec.mtime,
+        1_000_000_000,
+        "after release"
+    );
+}
+
+/// The view root of snapshot `name` of the container whose root is `c_root`.
+fn snapshot_root(ns: &Namespace, c_root: InodeNo, name: &str) -> InodeNo {
+    let dir = ns.lookup(c_root, SNAPSHOTS_DIR).expect(".snapshots").ino;
+    ns.lookup(dir, name.as_bytes()).expect("snapshot").ino
+}
+
+/// A file deleted after a snapshot still reads back whole through the snapshot; its space
+/// stays taken until the snapshot goes, and then all of it comes back.
+#[test]
+fn deleted_file_lives_on_in_a_snapshot_until_it_is_deleted() {
+    let fx = Fixture::new();
+    let ns = fx.ns();
+    let c = ns.create_container("c", ROOT, 0o755).expect("container");
+    file_with(ns, c.root, "keep", &random(100_000, 100));
+    let empty = ns.counters();
+    let data = random(3 * MIB as usize, 101);
+    let f = file_with(ns, c.root, "big", &data);
+    let full = ns.counters();
+    assert!(full.stored_bytes > empty.stored_bytes + 2 * MIB);
+    ns.create_snapshot("c", Some("before")).expect("snapshot");
+    ns.unlink(c.root, b"big", ROOT).expect("unlink");
+    assert_eq!(
+        ns.lookup(c.root, b"big").map(|a| a.ino),
+        Err(FsError::NotFound)
+    );
+    let after_unlink = ns.counters();
+    assert_eq!(
+        after_unlink.stored_bytes, full.stored_bytes,
+        "the snapshot holds it"
+    );
+    assert_eq!(
+        after_unlink.logical_bytes, empty.logical_bytes,
+        "live bytes drop"
+    );
+    let root = snapshot_root(ns, c.root, "before");
+    let view = ns.lookup(root, b"big").expect("in the snapshot");
+    assert_ne!(view.ino, f);
+    assert_eq!(view.rec.size, data.len() as u64);
+    assert!(read_all(ns, view.ino) == data, "contents in the snapshot");
+    let info = ns.list_snapshots("c").expect("list");
+    assert_eq!(info.len(), 1);
+    assert_eq!(info[0].exclusive_logical_bytes, data.len() as u64);
+    assert_eq!(
+        info[0].reclaimable_bytes,
+        full.stored_bytes - empty.stored_bytes
+    );
+    fx.fsck_clean();
+    let deleted = ns.delete_snapshot("c", "before").expect("delete");
+    assert_eq!(
+        deleted.reclaimed_bytes,
+        full.stored_bytes - empty.stored_bytes
+    );
+    assert_eq!(ns.counters(), empty, "everything the file held is back");
+    assert_eq!(ns.getattr(view.ino).map(|a| a.ino), Err(FsError::NotFound));
+    fx.fsck_clean();
+    check_no_snapshot_leftovers(ns, "after delete");
+}
+
+/// Overwriting a large file after a snapshot keeps the old chunks for the snapshot only:
+/// the snapshot reads the old bytes, live the new, and deleting the snapshot gives back
+/// exactly the chunks only the old version used.
+#[test]
+fn overwritten_data_is_kept_for_the_snapshot_only() {
+    let fx = Fixture::with(
+        ChunkerParams::with_average(4096).expect("params"),
+        Compression::Zstd(1),
+    );
+    let ns = fx.ns();
+    let c = ns.create_container("c", ROOT, 0o755).expect("container");
+    let old = random(600_000, 110);
+    let f = file_with(ns, c.root, "f", &old);
+    ns.create_snapshot("c", Some("s")).expect("snapshot");
+    let mut new = old.clone();
+    new[100_000..300_000].copy_from_slice(&random(200_000, 111));
+    ns.write(f, 100_000, &new[100_000..300_000])
+        .expect("overwrite");
+    truncate(ns, f, 500_000);
+    new.truncate(500_000);
+    let root = snapshot_root(ns, c.root, "s");
+    let view = ns.lookup(root, b"f").expect("lookup").ino;
+    assert!(read_all(ns, view) == old, "snapshot keeps the old bytes");
+    assert!(read_all(ns, f) == new, "live has the new ones");
+    fx.fsck_clean();
+    let before = ns.counters().stored_bytes;
+    let promised = ns.list_snapshots("c").expect("list")[0].reclaimable_bytes;
+    assert!(
+        promised > 200_000,
+        "about 300 KB were only in the snapshot: {promised}"
+    );
+    let deleted = ns.delete_snapshot("c", "s").expect("delete");
+    assert_eq!(deleted.reclaimed_bytes, promised);
+    assert_eq!(before - ns.counters().stored_bytes, promised);
+    assert!(read_all(ns, f) == new);
+    fx.fsck_clean();
+    check_no_snapshot_leftovers(ns, "after delete");
+}
+
+/// A snapshot holds what was written before it, pending writes of open files included;
+/// writes to the still open file after it do not reach it.
+#[test]
+fn snapshot_includes_pending_writes_of_open_files() {
+    let fx = Fixture::new();
+    let ns = fx.ns();
+    let c = ns.create_container("c", ROOT, 0o755).expect("container");
+    let f = file_with(ns, c.root, "f", b"committed ");
+    ns.open(f).expect("open");
+    ns.write(f, 10, b"pending").expect("write");
+    let g = create(ns, c.root, "g");
+    ns.open(g).expect("open");
+    let big = random(300_000, 120);
+    ns.write(g, 0, &big).expect("write");
+    let on_disk = ns.counters().logical_bytes;
+    assert_eq!(on_disk, 10, "the writes are still pending");
+    ns.create_snapshot("c", Some("s")).expect("snapshot");
+    ns.write(f, 0, b"COMMITTED").expect("write after");
+    ns.write(g, 1000, b"later").expect("write after");
+    let root = snapshot_root(ns, c.root, "s");
+    let vf = ns.lookup(root, b"f").expect("f").ino;
+    let vg = ns.lookup(root, b"g").expect("g").ino;
+    assert_eq!(read_all(ns, vf), b"committed pending");
+    assert!(
+        read_all(ns, vg) == big,
+        "pending 300 KB are in the snapshot"
+    );
+    ns.release(f).expect("release");
+    ns.release(g).expect("release");
+    assert_eq!(read_all(ns, vf), b"committed pending", "after release");
+    assert_eq!(read_all(ns, f), b"COMMITTED pending");
+    assert_eq!(&read_all(ns, g)[1000..1005], b"later");
+    assert!(read_all(ns, vg) == big);
+    fx.fsck_clean();
+}
+
+/// Every mutating call on a snapshot view is EROFS and changes nothing; views have their
+/// own inode numbers (hard links share one), distinct from live and other snapshots.
+#[test]
+fn snapshot_views_are_read_only() {
+    let fx = Fixture::new();
+    let ns = fx.ns();
+    let c = ns.create_container("c", ROOT, 0o755).expect("container");
+    let mut model = SnapModel::new(c.root, 0o755);
+    let d = mkdir(ns, c.root, "d");
+    model.add(c.root, b"d", d, Kind::Dir, 0o755);
+    let f = file_with(ns, d, "f", b"contents");
+    model.add(d, b"f", f, Kind::File, 0o644);
+    model.tree.data.insert(f, b"contents".to_vec());
+    ns.link(f, c.root, b"f-link", ROOT).expect("link");
+    model.tree.add_entry(c.root, b"f-link", f);
+    ns.setxattr(f, b"user.a", b"value", false, false, ROOT)
+        .expect("setxattr");
+    model
+        .xattrs
+        .entry(f)
+        .or_default()
+        .insert(b"user.a".to_vec(), b"value".to_vec());
+    let l = ns
+        .make_node(c.root, b"l", Kind::Symlink, 0o777, 0, b"d/f", ROOT)
+        .expect("symlink")
+        .ino;
+    model.add(c.root, b"l", l, Kind::Symlink, 0o777);
+    model.target.insert(l, b"d/f".to_vec());
+    for (name, kind, rdev) in [
+        (&b"fifo"[..], Kind::Fifo, 0),
+        (b"tty", Kind::CharDev, 0x0405),
+    ] {
+        let ino = ns
+            .make_node(d, name, kind, 0o620, rdev, b"", ROOT)
+            .expect("mknod")
+            .ino;
+        model.add(d, name, ino, kind, 0o620);
+    }
+    let mut snaps = Vec::new();
+    for name in ["one", "two"] {
+        let rec = ns.create_snapshot("c", Some(name)).expect("snapshot");
+        let attrs = model
+            .tree
+            .kind
+            .keys()
+            .map(|ino| (*ino, ns.getattr(*ino).expect("getattr").rec))
+            .collect();
+        snaps.push(Frozen {
+            rec,
+            model: model.clone(),
+            attrs,
+            view_inos: None,
+        });
+    }
+    check_all(ns, c.root, &model, &mut snaps, "before");
+    let one = snaps[0].view_inos.clone().expect("checked");
+    let two = snaps[1].view_inos.clone().expect("checked");
+    for (m, v) in &one {
+        assert_ne!(*m, *v);
+        assert_ne!(two[m], *v, "{m:?}: two snapshots, one number");
+    }
+    for s in &snaps {
+        check_read_only(ns, c.root, s, "read-only");
+    }
+    // An open view file is read-only too; flush and fsync do nothing.
+    let vf = one[&f];
+    ns.open(vf).expect("open");
+    assert_eq!(ns.write(vf, 0, b"x"), Err(FsError::ReadOnly));
+    assert_eq!(ns.flush(vf), Ok(()));
+    assert_eq!(ns.fsync(vf), Ok(()));
+    ns.release(vf).expect("release");
+    assert_eq!(ns.open(one[&c.root]).map(|_| ()), Err(FsError::IsDir));
+    let dir = ns.lookup(c.root, SNAPSHOTS_DIR).expect(".snapshots").ino;
+    assert_eq!(ns.open(dir).map(|_| ()), Err(FsError::IsDir));
+    assert_eq!(ns.listxattr(dir), Ok(Vec::new()));
+    assert_eq!(ns.getxattr(dir, b"user.a"), Err(FsError::NoAttr));
+    assert_eq!(
+        ns.setxattr(dir, b"user.a", b"v", false, false, ROOT),
+        Err(FsError::ReadOnly)
+    );
+    assert_eq!(ns.readlink(dir), Err(FsError::Invalid));
+    check_all(ns, c.root, &model, &mut snaps, "after");
+    fx.fsck_clean();
+}
+
+/// `.snapshots` is in no listing, is a reserved name in a container root only, and
+/// snapshot names are checked.
+#[test]
+fn snapshots_dir_is_hidden_and_reserved() {
+    let fx = Fixture::new();
+    let ns = fx.ns();
+    let c = ns.create_container("c", ROOT, 0o755).expect("container");
+    file_with(ns, c.root, "f", b"x");
+    let sub = mkdir(ns, c.root, "sub");
+    let dir = ns
+        .lookup(c.root, SNAPSHOTS_DIR)
+        .expect(".snapshots without snapshots");
+    assert_eq!(dir.kind(), Kind::Dir);
+    assert_eq!(dir.rec.perm, 0o555);
+    assert_eq!(ns.readdir(dir.ino).expect("readdir"), vec![]);
+    ns.create_snapshot("c", Some("s1")).expect("snapshot");
+    assert_eq!(names(ns, c.root), ["f", "sub"], ".snapshots is not listed");
+    let root = snapshot_root(ns, c.root, "s1");
+    assert_eq!(names(ns, root), ["f", "sub"]);
+    assert_eq!(
+        ns.lookup(root, SNAPSHOTS_DIR).map(|a| a.ino),
+        Err(FsError::NotFound),
+        "no .snapshots inside a snapshot"
+    );
+    for kind in [Kind::File, Kind::Dir, Kind::Symlink] {
+        assert_eq!(
+            ns.make_node(c.root, SNAPSHOTS_DIR, kind, 0o755, 0, b"t", ROOT)
+                .map(|_| ()),
+            Err(FsError::Exists)
+        );
+    }
+    assert_eq!(
+        ns.rename(c.root, b"f", c.root, SNAPSHOTS_DIR, false, false, ROOT),
+        Err(FsError::Exists)
+    );
+    assert_eq!(
+        ns.rename(c.root, b"f", c.root, SNAPSHOTS_DIR, false, true, ROOT),
+        Err(FsError::Exists)
+    );
+    // Below the root it is an ordinary name.
+    let inner = mkdir(ns, sub, ".snapshots");
+    assert!(!is_snapshot_ino(inner));
+    assert_eq!(ns.lookup(sub, SNAPSHOTS_DIR).expect("lookup").ino, inner);
+    assert_eq!(names(ns, sub), [".snapshots"]);
+    // Names.
+    for bad in ["", ".", "..", "a/b", "a@b", "a:b"] {
+        assert_eq!(
+            ns.create_snapshot("c", Some(bad)).map(|_| ()),
+            Err(FsError::Invalid),
+            "{bad:?}"
+        );
+    }
+    assert_eq!(
+        ns.create_snapshot("c", Some("s1")).map(|_| ()),
+        Err(FsError::Exists)
+    );
+    assert_eq!(
+        ns.create_snapshot("nope", Some("s")).map(|_| ()),
+        Err(FsError::NotFound)
+    );
+    assert_eq!(ns.delete_snapshot("c", "nope"), Err(FsError::NotFound));
+    let auto = ns.create_snapshot("c", None).expect("default name");
+    assert!(
+        auto.name.len() >= 16 && auto.name.ends_with('Z') && !auto.name.contains(':'),
+        "{}",
+        auto.name
+    );
+    assert!(is_snapshot_ino(snapshot_root(ns, c.root, &auto.name)));
+    fx.fsck_clean();
+}
+
+/// A container with snapshots is not empty: deleting it needs force, is refused while a
+/// snapshot file is open, and then leaves nothing behind.
+#[test]
+fn deleting_a_container_with_snapshots_needs_force() {
+    let fx = Fixture::new();
+    let ns = fx.ns();
+    let c = ns.create_container("c", ROOT, 0o755).expect("container");
+    let other = ns
+        .create_container("other", ROOT, 0o755)
+        .expect("container");
+    let shared = random(500_000, 130);
+    file_with(ns, other.root, "kept", &shared);
+    let baseline = ns.counters();
+    let f = file_with(ns, c.root, "f", &shared);
+    file_with(ns, c.root, "g", &random(700_000, 131));
+    ns.create_snapshot("c", Some("s1")).expect("s1");
+    ns.unlink(c.root, b"g", ROOT).expect("unlink");
+    ns.write(f, 0, &random(100_000, 132)).expect("overwrite");
+    ns.create_snapshot("c", Some("s2")).expect("s2");
+    ns.unlink(c.root, b"f", ROOT).expect("unlink");
+    assert_eq!(
+        ns.readdir(c.root).expect("readdir"),
+        vec![],
+        "live is empty"
+    );
+    assert_eq!(ns.delete_container("c", false), Err(FsError::NotEmpty));
+    let root = snapshot_root(ns, c.root, "s1");
+    let vg = ns.lookup(root, b"g").expect("g").ino;
+    ns.open(vg).expect("open");
+    assert_eq!(ns.delete_container("c", true), Err(FsError::Busy));
+    assert_eq!(ns.snapshots_of(c.id).len(), 2, "nothing deleted while busy");
+    ns.release(vg).expect("release");
+    fx.fsck_clean();
+    ns.delete_container("c", true).expect("delete");
+    assert!(ns.container_by_name("c").is_none());
+    assert_eq!(ns.snapshots_of(c.id), vec![]);
+    assert_eq!(ns.getattr(vg).map(|a| a.ino), Err(FsError::NotFound));
+    let mut want = baseline;
+    want.dirs -= 1; // c's root
+    assert_eq!(
+        ns.counters(),
+        want,
+        "all that c and its snapshots held is back"
+    );
+    assert!(read_all(ns, ns.lookup(other.root, b"kept").expect("kept").ino) == shared);
+    fx.fsck_clean();
+    check_no_snapshot_leftovers(ns, "after container delete");
+    // The name is free again, with no snapshots.
+    let again = ns.create_container("c", ROOT, 0o755).expect("container");
+    assert_ne!(again.id, c.id);
+    let dir = ns
+        .lookup(again.root, SNAPSHOTS_DIR)
+        .expect(".snapshots")
+        .ino;
+    assert_eq!(ns.readdir(dir).expect("readdir"), vec![]);
+    fx.fsck_clean();
+}
+
+/// Chunks shared with another container stay while either needs them: a snapshot of one
+/// container holds its references alone.
+#[test]
+fn snapshot_of_one_container_leaves_the_other_alone() {
+    let fx = Fixture::new();
+    let ns = fx.ns();
+    let a = ns.create_container("a", ROOT, 0o755).expect("container");
+    let b = ns.create_container("b", ROOT, 0o755).expect("container");
+    let empty = ns.counters();
+    let data = random(800_000, 140);
+    let fa = file_with(ns, a.root, "f", &data);
+    file_with(ns, b.root, "f", &data);
+    let full = ns.counters();
+    ns.create_snapshot("a", Some("s")).expect("snapshot");
+    assert_eq!(ns.list_snapshots("b").expect("list").len(), 0);
+    assert_eq!(
+        ns.lookup(b.root, SNAPSHOTS_DIR)
+            .and_then(|d| ns.readdir(d.ino))
+            .expect("b/.snapshots"),
+        vec![]
+    );
+    ns.unlink(b.root, b"f", ROOT).expect("unlink b/f");
+    ns.write(fa, 0, &random(800_000, 141))
+        .expect("overwrite a/f");
+    assert!(ns.counters().stored_bytes > full.stored_bytes);
+    let info = ns.list_snapshots("a").expect("list");
+    assert_eq!(
+        info[0].reclaimable_bytes,
+        full.stored_bytes - empty.stored_bytes
+    );
+    let root = snapshot_root(ns, a.root, "s");
+    assert!(read_all(ns, ns.lookup(root, b"f").expect("f").ino) == data);
+    ns.unlink(a.root, b"f", ROOT).expect("unlink a/f");
+    fx.fsck_clean();
+    ns.delete_snapshot("a", "s").expect("delete");
+    assert_eq!(ns.counters(), empty);
+    fx.fsck_clean();
+    check_no_snapshot_leftovers(ns, "end");
+}
+
+/// A directory moved after a snapshot is where it was in the snapshot, with its parent.
+#[test]
+fn renamed_directory_stays_in_place_in_the_snapshot() {
+    let fx = Fixture::new();
+    let ns = fx.ns();
+    let c = ns.create_container("c", ROOT, 0o755).expect("container");
+    let x = mkdir(ns, c.root, "x");
+    let y = mkdir(ns, c.root, "y");
+    let d = mkdir(ns, x, "d");
+    file_with(ns, d, "f", b"in d");
+    ns.create_snapshot("c", Some("s")).expect("snapshot");
+    ns.rename(x, b"d", y, b"moved", false, false, ROOT)
+        .expect("rename");
+    ns.rmdir(c.root, b"x", ROOT).expect("rmdir");
+    let root = snapshot_root(ns, c.root, "s");
+    let vx = ns.lookup(root, b"x").expect("x");
+    let vd = ns.lookup(vx.ino, b"d").expect("d");
+    assert_eq!(vd.rec.parent, vx.ino);
+    assert_eq!(vx.rec.parent, root);
+    assert_eq!(vx.rec.nlink, 3);
+    let vy = ns.lookup(root, b"y").expect("y");
+    assert_eq!(ns.readdir(vy.ino).expect("readdir"), vec![]);
+    assert_eq!(names(ns, c.root), ["y"]);
+    assert_eq!(ns.getattr(d).expect("live d").rec.parent, y);
+    let vf = ns.lookup(vd.ino, b"f").expect("f").ino;
+    assert_eq!(read_all(ns, vf), b"in d");
+    fx.fsck_clean();
+    ns.delete_snapshot("c", "s").expect("delete");
+    fx.fsck_clean();
+    check_no_snapshot_leftovers(ns, "end");
+}
+
+/// The purged inode's newest extent or xattr version is a tombstone that a snapshot still
+/// sees: deleting an older snapshot must not drop it while a dead list names it.
+#[test]
+fn removed_file_with_tombstones_seen_by_a_snapshot() {
+    let fx = Fixture::new();
+    let ns = fx.ns();
+    let c = ns.create_container("c", ROOT, 0o755).expect("container");
+    let f = file_with(ns, c.root, "f", b"data");
+    ns.setxattr(f, b"user.x", b"v0", false, false, ROOT)
+        .expect("setxattr");
+    ns.create_snapshot("c", Some("s1")).expect("s1");
+    ns.removexattr(f, b"user.x", ROOT).expect("removexattr");
+    truncate(ns, f, 0);
+    ns.create_snapshot("c", Some("s2")).expect("s2");
+    ns.unlink(c.root, b"f", ROOT).expect("unlink");
+    fx.fsck_clean();
+    ns.delete_snapshot("c", "s1").expect("delete s1");
+    fx.fsck_clean();
+    let root = snapshot_root(ns, c.root, "s2");
+    let vf = ns.lookup(root, b"f").expect("f").ino;
+    assert_eq!(read_all(ns, vf), b"");
+    assert_eq!(ns.listxattr(vf).expect("listxattr"), b"");
+    ns.delete_snapshot("c", "s2").expect("delete s2");
+    fx.fsck_clean();
+    check_no_snapshot_leftovers(ns, "end");
+}
+
+/// A container may not be named `.snapshots` either: it could never be looked up.
+#[test]
+#[ignore = "bug: a container named .snapshots is listed in the mount root but lookup fails"]
+fn container_named_like_the_snapshots_dir() {
+    let fx = Fixture::new();
+    let ns = fx.ns();
+    match ns.create_container(".snapshots", ROOT, 0o755) {
+        Err(e) => assert_eq!(e, FsError::Invalid),
+        Ok(rec) => {
+            assert_eq!(names(ns, InodeNo::ROOT), [".snapshots"]);
+            assert_eq!(
+                ns.lookup(InodeNo::ROOT, b".snapshots").map(|a| a.ino),
+                Ok(rec.root),
+                "listed but not found"
+            );
+        }
+    }
+}
+
+/// Snapshots taken and deleted while writers overwrite their files (with background
+/// commits in flight): every file in every snapshot is one whole write, never a mix of
+/// two, and later snapshots never hold older writes.
+#[test]
+fn snapshots_taken_while_files_are_written() {
+    const SIZE: usize = 256 << 10;
+    const WRITES: usize = 60;
+    let fx = Fixture::with(
+        ChunkerParams::with_average(4096).expect("params"),
+        Compression::Zstd(1),
+    );
+    let ns = fx.shared();
+    ns.set_dirty_limit(64 << 10);
+    let c = ns.create_container("c", ROOT, 0o755).expect("container");
+    let generations = |t: u64| -> Vec<Vec<u8>> {
+        (0..WRITES as u64)
+            .map(|g| random(SIZE, t * 1000 + g))
+            .collect()
+    };
+    let files: Vec<InodeNo> = (0..3)
+        .map(|t| file_with(&ns, c.root, &format!("w{t}"), &generations(t)[0]))
+        .collect();
+    let writers: Vec<_> = files
+        .iter()
+        .enumerate()
+        .map(|(t, &f)| {
+            let ns = ns.clone();
+            std::thread::spawn(move || {
+                let gens = generations(t as u64);
+                // Held open: writes stay pending or in background commits.
+                ns.open(f).expect("open");
+                for g in gens.iter().skip(1) {
+                    ns.write(f, 0, g).expect("write");
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
+                ns.release(f).expect("release");
+            })
+        })
+        .collect();
+    // An appender: streaming appends hold back the unfinished last chunk.
+    let stream = random(4 << 20, 150);
+    let log = create(&ns, c.root, "log");
+    let appender = {
+        let (ns, stream) = (ns.clone(), stream.clone());
+        std::thread::spawn(move || {
+            ns.open(log).expect("open");
+            for (i, piece) in stream.chunks(37_000).enumerate() {
+                ns.write(log, (i * 37_000) as u64, piece).expect("append");
+                if i % 8 == 0 {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            }
+            ns.release(log).expect("release");
+        })
+    };
+    let mut taken = Vec::new();
+    for i in 0..25 {
+        let name = format!("s{i}");
+        ns.create_snapshot("c", Some(&name)).expect("snapshot");
+        taken.push(name);
+        if i % 4 == 3 {
+            let gone = taken.remove(taken.len() / 2);
+            ns.delete_snapshot("c", &gone).expect("delete");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    for w in writers {
+        w.join().expect("writer");
+    }
+    appender.join().expect("appender");
+    let mut last = vec![0usize; files.len()];
+    let mut log_len = 0;
+    for name in &taken {
+        let root = snapshot_root(&ns, c.root, name);
+        let v = ns.lookup(root, b"log").expect("log").ino;
+        let got = read_all(&ns, v);
+        assert!(got.len() >= log_len, "snapshot {name}: the log shrank");
+        assert!(
+            got == stream[..got.len()],
+            "snapshot {name}: log of {} bytes is no prefix",
+            got.len()
+        );
+        log_len = got.len();
+        for (t, last) in last.iter_mut().enumerate() {
+            let v = ns
+                .lookup(root, format!("w{t}").as_bytes())
+                .expect("file")
+                .ino;
+            let got = read_all(&ns, v);
+            let gens = generations(t as u64);
+            let Some(g) = gens.iter().position(|d| *d == got) else {
+                panic!("snapshot {name}: w{t} is no single write");
+            };
+            assert!(
+                g >= *last,
+                "snapshot {name}: w{t} went back from {last} to {g}"
+            );
+            *last = g;
+        }
+    }
+    fx.fsck_clean();
+    for name in &taken {
+        ns.delete_snapshot("c", name).expect("delete");
+    }
+    fx.fsck_clean();
+    check_no_snapshot_leftovers(&ns, "end");
+}
+
+/// A file unlinked while open, around snapshots, and left open when the process ends:
+/// the snapshot keeps what it saw, the orphan is reclaimed at the next open, and once the
+/// snapshots go nothing of it is left.
+#[test]
+fn orphans_and_snapshots() {
+    let mut fx = Fixture::new();
+    let (c, empty) = {
+        let ns = fx.ns();
+        let c = ns.create_container("c", ROOT, 0o755).expect("container");
+        let empty = ns.counters();
+        let old = random(400_000, 160);
+        let f = file_with(ns, c.root, "f", &old);
+        ns.create_snapshot("c", Some("before")).expect("snapshot");
+        ns.open(f).expect("open");
+        ns.unlink(c.root, b"f", ROOT).expect("unlink");
+        ns.write(f, 100_000, &random(50_000, 161))
+            .expect("write to the orphan");
+        ns.flush(f).expect("flush");
+        // A snapshot of the orphan's state: it has no name there.
+        ns.create_snapshot("c", Some("orphan")).expect("snapshot");
+        ns.write(f, 0, &random(50_000, 162))
+            .expect("write to the orphan");
+        let root = snapshot_root(ns, c.root, "orphan");
+        assert_eq!(ns.readdir(root).expect("readdir"), vec![]);
+        let root = snapshot_root(ns, c.root, "before");
+        let v = ns.lookup(root, b"f").expect("f").ino;
+        assert!(read_all(ns, v) == old);
+        assert_eq!(
+            ns.read(f, 100_000, 10).expect("read"),
+            random(50_000, 161)[..10]
+        );
+        fx.fsck_clean();
+        (c, empty)
+    };
+    // Dropped with the orphan open: the next open reclaims it.
+    fx.reopen();
+    let ns = fx.ns();
+    fx.fsck_clean();
+    let root = snapshot_root(ns, c.root, "before");
+    let v = ns.lookup(root, b"f").expect("f").ino;
+    assert!(read_all(ns, v) == random(400_000, 160));
+    ns.delete_snapshot("c", "orphan").expect("delete");
+    fx.fsck_clean();
+    ns.delete_snapshot("c", "before").expect("delete");
+    assert_eq!(ns.counters(), empty, "nothing of the orphan is left");
+    fx.fsck_clean();
+    check_no_snapshot_leftovers(ns, "end");
+}
+
+/// Rolling back past the birth of an orphan that an earlier rollback restored: the orphan
+/// must go too, with its data and counters.
+#[test]
+#[ignore = "bug: rollback does not treat orphan-list inodes as owners; the orphan survives"]
+fn rollback_past_a_restored_orphan() {
+    let mut fx = Fixture::new();
+    let ns = fx.ns();
+    let c = ns.create_container("c", ROOT, 0o755).expect("container");
+    file_with(ns, c.root, "g", &random(5_000, 2));
+    let before = ns.counters();
+    ns.create_snapshot("c", Some("old")).expect("snapshot");
+    let f = file_with(ns, c.root, "f", &random(10_000, 1));
+    ns.open(f).expect("open");
+    ns.unlink(c.root, b"f", ROOT).expect("unlink");
+    ns.create_snapshot("c", Some("orphan")).expect("snapshot");
+    ns.release(f).expect("release");
+    // Restores f as an orphan that no one has open.
+    ns.rollback("c", "orphan", false, false).expect("rollback");
+    fx.fsck_clean();
+    ns.rollback("c", "old", false, true).expect("rollback");
+    assert_eq!(
+        ns.getattr(f).map(|a| a.ino),
+        Err(FsError::NotFound),
+        "f is older than old"
+    );
+    fx.fsck_clean();
+    ns.delete_snapshot("c", "old").expect("delete");
+    assert_eq!(ns.counters(), before);
+    check_no_snapshot_leftovers(ns, "end");
+    fx.reopen();
+    assert_eq!(fx.ns().counters(), before);
+    fx.fsck_clean();
+}
+
+/// A rollback that leaves a tombstone as the only version of a name (what it hid went
+/// with an older snapshot) must drop it: no snapshot needs it, and none would drop it later.
+#[test]
+#[ignore = "bug: rollback leaves a lone tombstone behind, forever"]
+fn rollback_leaves_no_lone_tombstone() {
+    let fx = Fixture::new();
+    let ns = fx.ns();
+    let c = ns.create_container("c", ROOT, 0o755).expect("container");
+    file_with(ns, c.root, "f", b"one");
+    ns.create_snapshot("c", Some("a")).expect("a");
+    ns.unlink(c.root, b"f", ROOT).expect("unlink");
+    ns.create_snapshot("c", Some("b")).expect("b");
+    file_with(ns, c.root, "f", b"two");
+    ns.delete_snapshot("c", "a").expect("delete a");
+    ns.rollback("c", "b", false, false).expect("rollback to b");
+    assert_eq!(names(ns, c.root), Vec::<String>::new());
+    ns.delete_snapshot("c", "b").expect("delete b");
+    fx.fsck_clean();
+    check_no_snapshot_leftovers(ns, "no snapshot left");
 }
