@@ -117,6 +117,11 @@ impl ChunkStore {
         self.cache.remove(id);
     }
 
+    /// Drops every cached chunk, so that the next reads verify stored bytes again.
+    pub fn clear_cache(&self) {
+        self.cache.clear();
+    }
+
     /// Drops a chunk from the cache and the suspect set (after it was reclaimed).
     pub fn forget(&self, id: &ChunkId) {
         self.cache.remove(id);

@@ -37,6 +37,7 @@ fn ttl(a: &Attr) -> &'static Duration {
     if a.ino == InodeNo::ROOT
         || a.rec.parent == InodeNo::ROOT
         || Namespace::changes_outside_mount(a.ino)
+        || Namespace::changes_outside_mount(a.rec.parent)
     {
         &ROOT_TTL
     } else {
@@ -575,7 +576,12 @@ impl Filesystem for DedupFs {
         );
     }
 
-    fn open(&self, _req: &Request, i: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, _req: &Request, i: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let writing = flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
+        if writing && crate::namespace::is_snapshot_ino(self.ino(i)) {
+            reply.error(errno(FsError::ReadOnly));
+            return;
+        }
         match self.ns.open(self.ino(i)) {
             Ok(_) => reply.opened(FileHandle(self.new_fh()), OPEN_FLAGS),
             Err(e) => reply.error(errno(e)),

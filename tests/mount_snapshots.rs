@@ -593,7 +593,6 @@ fn snapshot_list_and_delete_give_space_back() {
 /// Opening a snapshot file for writing is EROFS, as on a read-only mount, so that a
 /// program finds out at open rather than at its first write.
 #[test]
-#[ignore = "bug: open(O_WRONLY) of a snapshot file succeeds; only the write fails"]
 fn open_for_writing_in_a_snapshot_is_erofs() {
     let m = Mounted::new();
     let c = m.c();
@@ -613,8 +612,6 @@ fn open_for_writing_in_a_snapshot_is_erofs() {
 /// kernel must not keep a negative entry across `snapshot create`), and a name reused
 /// after a delete shows the new snapshot.
 #[test]
-#[ignore = "bug: entries under .snapshots are cached 10 s (negative ones too) while snapshots \
-            come and go through the control socket"]
 fn snapshot_names_are_found_as_soon_as_they_exist() {
     let m = Mounted::new();
     let c = m.c();
@@ -705,7 +702,6 @@ fn large_directory_lists_from_a_snapshot() {
 /// `cp -p` sets the times on the open copy before closing it: the snapshot (and live) must
 /// keep them, not the time of the writes still pending in the daemon.
 #[test]
-#[ignore = "bug: utimens on a file with pending writes is overridden by the writes' mtime"]
 fn cp_p_keeps_mtime_into_the_snapshot() {
     let m = Mounted::new();
     let c = m.c();

@@ -2601,7 +2601,6 @@ fn run_snapshot_model(seed: u64, steps: usize, avg: Option<u64>, dirty_limit: Op
 /// utimens on a file whose writes are still pending (cp -p sets the times on the open
 /// file before closing it) must stick: the pending writes' time may not override it.
 #[test]
-#[ignore = "bug: the pending writes' mtime overrides an explicit utimens"]
 fn utimens_while_writes_are_pending_is_kept() {
     let fx = Fixture::new();
     let ns = fx.ns();
@@ -3076,7 +3075,6 @@ fn removed_file_with_tombstones_seen_by_a_snapshot() {
 
 /// A container may not be named `.snapshots` either: it could never be looked up.
 #[test]
-#[ignore = "bug: a container named .snapshots is listed in the mount root but lookup fails"]
 fn container_named_like_the_snapshots_dir() {
     let fx = Fixture::new();
     let ns = fx.ns();
@@ -3253,7 +3251,6 @@ fn orphans_and_snapshots() {
 /// Rolling back past the birth of an orphan that an earlier rollback restored: the orphan
 /// must go too, with its data and counters.
 #[test]
-#[ignore = "bug: rollback does not treat orphan-list inodes as owners; the orphan survives"]
 fn rollback_past_a_restored_orphan() {
     let mut fx = Fixture::new();
     let ns = fx.ns();
@@ -3287,7 +3284,6 @@ fn rollback_past_a_restored_orphan() {
 /// A rollback that leaves a tombstone as the only version of a name (what it hid went
 /// with an older snapshot) must drop it: no snapshot needs it, and none would drop it later.
 #[test]
-#[ignore = "bug: rollback leaves a lone tombstone behind, forever"]
 fn rollback_leaves_no_lone_tombstone() {
     let fx = Fixture::new();
     let ns = fx.ns();

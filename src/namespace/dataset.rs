@@ -265,10 +265,52 @@ impl Namespace {
         })?;
         done.removed = removed;
         done.restored = restored;
-        if let Some(f) = self.invalidator.get() {
-            f(&invalidate);
-        }
+        // An inode unlinked while open at the snapshot is an orphan again; unless it is
+        // open now, it goes at once.
+        self.reclaim_orphans()?;
+        self.invalidate(&invalidate);
         Ok(done)
+    }
+
+    /// Stages the removal of an object's versions born after `at` (newest first in
+    /// `versions`); a tombstone left as its only version hides nothing and goes too.
+    /// Returns the number of versions removed.
+    fn roll_back_object(
+        &self,
+        txn: &mut Txn,
+        cf: Cf,
+        versions: &[(Vec<u8>, Vec<u8>, Epoch)],
+        at: Epoch,
+        invalidate: &mut Vec<Invalidation>,
+    ) -> u64 {
+        let mut removed = 0;
+        for (k, v, birth) in versions {
+            if *birth <= at {
+                continue;
+            }
+            txn.batch.delete(&self.kv, cf, k);
+            removed += 1;
+            if cf == Cf::Extent {
+                if let Some(ext) = ExtentRecord::decode(v) {
+                    txn.release(ext.chunk);
+                }
+            }
+            if cf == Cf::Dirent {
+                if let Some((parent, name, _)) = key::parse_named(k) {
+                    invalidate.push(Invalidation::Entry(parent, name.to_vec()));
+                }
+            }
+        }
+        let remaining: Vec<_> = versions.iter().filter(|(_, _, b)| *b <= at).collect();
+        if removed > 0 {
+            if let [(k, v, _)] = remaining.as_slice() {
+                if format::is_tombstone(v) {
+                    txn.batch.delete(&self.kv, cf, k);
+                    removed += 1;
+                }
+            }
+        }
+        removed
     }
 
     /// Undoes every change since `target`, the container's newest snapshot, in one batch.
@@ -298,6 +340,18 @@ impl Namespace {
                 }
             }
         }
+        // Inodes unlinked while open, which no entry reaches.
+        for item in self.kv.scan_prefix(Cf::Meta, format::meta::ORPHAN_PREFIX) {
+            let (k, _) = item?;
+            if let Some(ino) = key::parse_orphan(&k) {
+                if self
+                    .read_inode(ino)?
+                    .is_some_and(|(r, _)| r.container == container)
+                {
+                    owners.insert(ino);
+                }
+            }
+        }
         let mut restored = 0u64;
         for item in self
             .kv
@@ -315,27 +369,30 @@ impl Namespace {
         for owner in &owners {
             invalidate.push(Invalidation::Inode(*owner));
             for cf in [Cf::Inode, Cf::Dirent, Cf::Extent, Cf::Xattr] {
-                for item in self.kv.scan_prefix(cf, &key::inode_prefix(*owner)) {
-                    let (k, v) = item?;
-                    let Some((object, birth)) = key::split_versioned(&k) else {
-                        continue;
+                // Versions of one object are adjacent: collect each object's, then decide.
+                let mut object: Vec<u8> = Vec::new();
+                let mut versions: Vec<(Vec<u8>, Vec<u8>, Epoch)> = Vec::new();
+                let items = self.kv.scan_prefix(cf, &key::inode_prefix(*owner));
+                for item in items.map(Some).chain(std::iter::once(None)) {
+                    let next = match item {
+                        Some(item) => {
+                            let (k, v) = item?;
+                            let Some((obj, birth)) = key::split_versioned(&k) else {
+                                continue;
+                            };
+                            Some((obj.to_vec(), k.to_vec(), v.to_vec(), birth))
+                        }
+                        None => None,
                     };
-                    if birth <= at {
-                        continue;
+                    let same = next.as_ref().is_some_and(|(obj, ..)| *obj == object);
+                    if !same && !versions.is_empty() {
+                        removed += self.roll_back_object(&mut txn, cf, &versions, at, invalidate);
+                        versions.clear();
                     }
-                    txn.batch.delete(&self.kv, cf, &k);
-                    removed += 1;
-                    if cf == Cf::Extent {
-                        if let Some(ext) = ExtentRecord::decode(&v) {
-                            txn.release(ext.chunk);
-                        }
+                    if let Some((obj, k, v, birth)) = next {
+                        object = obj;
+                        versions.push((k, v, birth));
                     }
-                    if cf == Cf::Dirent {
-                        if let Some((parent, name, _)) = key::parse_named(&k) {
-                            invalidate.push(Invalidation::Entry(parent, name.to_vec()));
-                        }
-                    }
-                    let _ = object;
                 }
             }
             // The orphan list follows the inode's record at the snapshot: an inode unlinked

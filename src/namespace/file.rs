@@ -904,6 +904,24 @@ impl Namespace {
         result
     }
 
+    /// Runs `f` (which sets the file's times) with the pending writes' own times dropped:
+    /// the file is locked and no commit of it in flight, so no later commit brings them
+    /// back. Writes after `f` set the times again, as they should.
+    pub(crate) fn with_write_times_dropped<T>(
+        &self,
+        ino: InodeNo,
+        f: impl FnOnce() -> FsResult<T>,
+    ) -> FsResult<T> {
+        let open = self.open_files.lock().get(&ino).map(|e| e.0.clone());
+        let Some(file) = open else {
+            return f();
+        };
+        let mut st = file.state.lock();
+        Self::wait_idle(&file, &mut st);
+        st.times_dirty = None;
+        f()
+    }
+
     fn wait_idle(file: &OpenFile, st: &mut MutexGuard<'_, FileState>) {
         while st.in_flight {
             file.idle.wait(st);

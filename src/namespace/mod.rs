@@ -778,6 +778,14 @@ impl Namespace {
         let _ = self.invalidator.set(f);
     }
 
+    /// Tells the kernel (through the main mount, if any) to forget `items`. Never call
+    /// it from a FUSE request: the kernel may wait on that request.
+    pub(crate) fn invalidate(&self, items: &[Invalidation]) {
+        if let Some(f) = self.invalidator.get() {
+            f(items);
+        }
+    }
+
     pub fn release_snapshot(&self, id: crate::ids::SnapshotId) {
         let mut held = self.mounted_snapshots.lock();
         if let Some(n) = held.get_mut(&id) {

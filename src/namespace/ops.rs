@@ -53,7 +53,10 @@ impl Namespace {
             View::Live(_) => {}
             view => return self.view_lookup(view, name),
         }
-        if name == super::SNAPSHOTS_DIR && self.inode(parent)?.parent == InodeNo::ROOT {
+        if name == super::SNAPSHOTS_DIR
+            && parent != InodeNo::ROOT
+            && self.inode(parent)?.parent == InodeNo::ROOT
+        {
             return self.view_getattr(View::SnapshotsDir(parent));
         }
         let entry = self.dirent(parent, name)?.ok_or(FsError::NotFound)?;
@@ -646,14 +649,21 @@ impl Namespace {
                 apply_setattr(rec, &set, caller, now)
             });
         }
-        let mut st = self.commit.lock();
-        let mut rec = self.inode(ino)?;
-        let now = now_ns();
-        apply_setattr(&mut rec, set, caller, now)?;
-        let mut txn = Txn::new(Sync::Process);
-        self.put_inode(&mut txn, ino, &rec)?;
-        self.apply(&mut st, txn, &|_| None)?;
-        drop(st);
+        let store = || -> FsResult<()> {
+            let mut st = self.commit.lock();
+            let mut rec = self.inode(ino)?;
+            let now = now_ns();
+            apply_setattr(&mut rec, set, caller, now)?;
+            let mut txn = Txn::new(Sync::Process);
+            self.put_inode(&mut txn, ino, &rec)?;
+            self.apply(&mut st, txn, &|_| None)
+        };
+        if set.mtime.is_some() {
+            // An explicit mtime wins over the times of writes still pending (cp -p).
+            self.with_write_times_dropped(ino, store)?;
+        } else {
+            store()?;
+        }
         self.getattr(ino)
     }
 

@@ -457,6 +457,8 @@ impl Namespace {
         self.snapshots
             .write()
             .insert((c.id, rec.epoch), rec.clone());
+        drop(st);
+        self.forget_snapshot_name(c.root, &rec.name);
         Ok(rec)
     }
 
@@ -568,7 +570,19 @@ impl Namespace {
         self.apply(&mut st, txn, &|_| None)?;
         deleted.reclaimed_bytes = stored_before.saturating_sub(st.counters.stored_bytes);
         self.snapshots.write().remove(&(c.id, s.epoch));
+        drop(st);
+        self.forget_snapshot_name(c.root, &s.name);
         Ok(deleted)
+    }
+
+    /// The kernel must look `.snapshots/NAME` of a container up again: the name now
+    /// names another snapshot, or none.
+    fn forget_snapshot_name(&self, root: InodeNo, name: &str) {
+        let dir = View::SnapshotsDir(root).ino();
+        self.invalidate(&[
+            super::Invalidation::Entry(dir, name.as_bytes().to_vec()),
+            super::Invalidation::Inode(dir),
+        ]);
     }
 
     /// Epochs of the snapshots before and after `epoch` (the live epoch when none after).
