@@ -755,7 +755,7 @@ impl Namespace {
         }
         self.inode(ino)?;
         match self.read_newest(Cf::Xattr, &key::xattr_prefix(ino, name))? {
-            Some((v, _)) => Ok(v[1..].to_vec()),
+            Some((v, _)) => xattr_value(ino, name, &v),
             None => Err(FsError::NoAttr),
         }
     }
@@ -923,6 +923,20 @@ pub(crate) fn check_access(rec: &InodeRecord, caller: Caller, want: u16) -> FsRe
 
 /// In a sticky directory only the owner of an entry, of the directory, or root may remove
 /// or rename it.
+/// The value of a stored xattr version (after its tag); EIO for a damaged one.
+pub(crate) fn xattr_value(ino: InodeNo, name: &[u8], stored: &[u8]) -> FsResult<Vec<u8>> {
+    match stored.split_first() {
+        Some((&format::LIVE, value)) => Ok(value.to_vec()),
+        _ => {
+            tracing::error!(
+                "{ino}: xattr {:?} has no valid tag",
+                String::from_utf8_lossy(name)
+            );
+            Err(FsError::Io)
+        }
+    }
+}
+
 /// True for a name that a container root keeps for its snapshots.
 fn is_reserved(dir: &InodeRecord, name: &[u8]) -> bool {
     dir.parent == InodeNo::ROOT && name == super::SNAPSHOTS_DIR

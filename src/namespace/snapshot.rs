@@ -818,7 +818,7 @@ impl Namespace {
 
     pub(crate) fn view_xattr(&self, ino: InodeNo, at: Epoch, name: &[u8]) -> FsResult<Vec<u8>> {
         match self.read_at(Cf::Xattr, &key::xattr_prefix(ino, name), Some(at))? {
-            Some((v, _)) => Ok(v[1..].to_vec()),
+            Some((v, _)) => super::ops::xattr_value(ino, name, &v),
             None => Err(FsError::NoAttr),
         }
     }
