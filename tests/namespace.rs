@@ -554,6 +554,26 @@ fn hard_links_share_one_inode() {
 }
 
 #[test]
+fn links_stop_at_link_max_with_emlink() {
+    let fx = Fixture::new();
+    let ns = fx.ns();
+    let c = ns.create_container("c", ROOT, 0o755).expect("container");
+    let f = create(ns, c.root, "f");
+    let max = dedupfs::namespace::LINK_MAX;
+    let many = mkdir(ns, c.root, "many");
+    for i in 1..max {
+        ns.link(f, many, format!("l{i}").as_bytes(), ROOT)
+            .expect("link below the limit");
+    }
+    assert_eq!(nlink(ns, f), max);
+    let err = ns.link(f, many, b"one-too-many", ROOT).map(|_| ());
+    assert_eq!(err, Err(FsError::TooManyLinks));
+    assert_eq!(FsError::TooManyLinks.errno(), libc::EMLINK);
+    assert_eq!(nlink(ns, f), max, "a refused link changes nothing");
+    fx.fsck_clean();
+}
+
+#[test]
 fn symlinks_and_special_files() {
     let fx = Fixture::new();
     let ns = fx.ns();

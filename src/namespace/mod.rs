@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 pub use container::{ContainerInfo, ContainerRecord, SnapshotSchedule, AUTO_PREFIX};
 pub use dataset::{Invalidation, RolledBack};
 pub use file::OpenFile;
-pub use ops::{DirEntry, SetAttr, StatFs};
+pub use ops::{DirEntry, SetAttr, StatFs, LINK_MAX};
 pub use scrub::{BadChunk, ScrubProgress, ScrubReport};
 pub(crate) use snapshot::View;
 pub use snapshot::{
@@ -79,6 +79,8 @@ pub enum FsError {
     Busy,
     #[error("file too large")]
     TooBig,
+    #[error("too many links")]
+    TooManyLinks,
 }
 
 impl FsError {
@@ -101,6 +103,7 @@ impl FsError {
             FsError::CrossDevice => libc::EXDEV,
             FsError::Busy => libc::EBUSY,
             FsError::TooBig => libc::EFBIG,
+            FsError::TooManyLinks => libc::EMLINK,
         }
     }
 }

@@ -41,6 +41,9 @@ pub struct StatFs {
 const SYMLINK_MAX: usize = 4095;
 /// Largest xattr value, as on Linux (XATTR_SIZE_MAX).
 const XATTR_VALUE_MAX: usize = 64 * 1024;
+/// Most links to one inode (and subdirectories of one directory, each a link to it), as
+/// ext4: far below where the u32 count would wrap.
+pub const LINK_MAX: u32 = 65_000;
 /// Largest file: offsets must fit an i64 (what lseek can address).
 pub const FILE_SIZE_MAX: u64 = i64::MAX as u64;
 
@@ -204,6 +207,9 @@ impl Namespace {
         if self.dirent(parent, name)?.is_some() || is_reserved(&dir, name) {
             return Err(FsError::Exists);
         }
+        if kind == Kind::Dir && dir.nlink >= LINK_MAX {
+            return Err(FsError::TooManyLinks);
+        }
         let mut txn = Txn::new(Sync::Process);
         let ino = self.alloc_ino(&mut st, &mut txn);
         let now = now_ns();
@@ -302,6 +308,9 @@ impl Namespace {
         }
         if rec.nlink == 0 {
             return Err(FsError::NotFound);
+        }
+        if rec.nlink >= LINK_MAX {
+            return Err(FsError::TooManyLinks);
         }
         let now = now_ns();
         let mut txn = Txn::new(Sync::Process);
@@ -523,6 +532,9 @@ impl Namespace {
         }
         if is_reserved(&dst_dir, new_name) {
             return Err(FsError::Exists);
+        }
+        if moved.kind == Kind::Dir && parent != new_parent && dst_dir.nlink >= LINK_MAX {
+            return Err(FsError::TooManyLinks);
         }
         let now = now_ns();
         let container = src_dir.container;
