@@ -306,6 +306,30 @@ fn verify(shared: &Shared, prefix: &str, context: &str) {
     }
 }
 
+/// `dedupfs snapshot ARGS --store STORE`, which must succeed.
+fn snapshot_cli(m: &Mounted, args: &[&str]) {
+    let mut all: Vec<std::ffi::OsString> = vec!["snapshot".into()];
+    all.extend(args.iter().map(|a| a.into()));
+    all.push("--store".into());
+    all.push(m.store.clone().into());
+    common::ok(dedupfs(all));
+}
+
+/// Reads every file under `dir` (a snapshot survived the crash whole: nothing fails).
+fn read_tree(dir: &Path, context: &str) {
+    for entry in
+        std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{context}: list {}: {e}", dir.display()))
+    {
+        let path = entry.expect("directory entry").path();
+        if path.is_dir() {
+            read_tree(&path, context);
+        } else {
+            std::fs::read(&path)
+                .unwrap_or_else(|e| panic!("{context}: read {}: {e}", path.display()));
+        }
+    }
+}
+
 /// Clears the dead mount of a killed daemon (with `dedupfs umount`, as an admin would, when
 /// `cli` is set), checks the store and remounts.
 fn crash_and_recover(m: &mut Mounted, pid: i32, cli: bool, context: &str) {
@@ -379,7 +403,15 @@ fn sigkill_during_concurrent_writes() {
                 thread::spawn(move || writer(&shared, round, tid, seed))
             })
             .collect();
-        thread::sleep(Duration::from_millis(rng.gen_range(150..=1200)));
+        thread::sleep(Duration::from_millis(rng.gen_range(100..=600)));
+        // Snapshots are taken and deleted while the writers run; a kill lands after them.
+        if round % 2 == 0 {
+            snapshot_cli(&m, &["create", "c", &format!("snap{round:02}")]);
+            if round >= 4 {
+                snapshot_cli(&m, &["delete", "c", &format!("snap{:02}", round - 4)]);
+            }
+        }
+        thread::sleep(Duration::from_millis(rng.gen_range(50..=600)));
         shared.killed.store(true, Ordering::SeqCst);
         sigkill(pid);
         for w in writers {
@@ -390,6 +422,9 @@ fn sigkill_during_concurrent_writes() {
         }
         crash_and_recover(&mut m, pid, round % 4 == 3, &context);
         verify(&shared, &format!("r{round:02}-"), &context);
+        if round % 2 == 0 {
+            read_tree(&m.c().join(format!(".snapshots/snap{round:02}")), &context);
+        }
         // Older rounds are checked by hash only from now on.
         for e in shared.synced.lock().unwrap().values_mut() {
             e.bytes = None;
