@@ -95,14 +95,15 @@ enum Command {
         #[command(subcommand)]
         command: ContainerCommand,
     },
-    /// Take, list, delete and prune snapshots of a container
+    /// Take, list, delete, prune and roll back to snapshots of a container
     Snapshot {
         #[command(subcommand)]
         command: SnapshotCommand,
     },
-    /// Copy a file or a tree out of a snapshot with its metadata (modes, owners, times,
-    /// xattrs, symlinks, hard links, holes); every chunk is verified. Run it again to
-    /// finish an interrupted restore
+    /// Copy a file or a tree out of a snapshot, with its metadata
+    ///
+    /// Modes, owners, times, xattrs, symlinks, hard links and holes come back; every chunk
+    /// is verified. Run it again to finish an interrupted restore.
     Restore {
         /// What to restore: CONTAINER@SNAPSHOT, or CONTAINER@SNAPSHOT:PATH for one file or
         /// directory inside it
@@ -124,8 +125,10 @@ enum Command {
         #[command(flatten)]
         store: StoreArg,
     },
-    /// Read and verify every stored chunk (mounted or not); quarantine damaged chunks and
-    /// name the files and offsets that use them. Exits non-zero when any is damaged
+    /// Verify every stored chunk and quarantine damaged ones
+    ///
+    /// Works mounted or not. Names the files and offsets that use a damaged chunk; exits
+    /// non-zero when any is damaged.
     Scrub {
         #[arg(long)]
         json: bool,
@@ -159,9 +162,11 @@ enum ContainerCommand {
         #[command(flatten)]
         store: StoreArg,
     },
-    /// Set a container's snapshot schedule, which the running mount applies: a snapshot
-    /// (named auto-<UTC time>) every --snapshot-every, then the auto- snapshots the
-    /// --keep-* policy does not keep are deleted (snapshots taken by hand are left alone)
+    /// Set a container's snapshot schedule, which the running mount applies
+    ///
+    /// A snapshot named auto-<UTC time> every --snapshot-every; after each, the auto-
+    /// snapshots the --keep-* policy does not keep are deleted (snapshots taken by hand are
+    /// left alone).
     Set {
         name: String,
         /// Interval between scheduled snapshots: e.g. 30s, 15m, 1h, 1d, 1w
@@ -185,8 +190,9 @@ enum ContainerCommand {
         #[command(flatten)]
         store: StoreArg,
     },
-    /// Make a new writable container from a snapshot, sharing its data (SOURCE is
-    /// CONTAINER@SNAPSHOT); costs the snapshot's metadata, no data is copied
+    /// Make a new writable container from a snapshot (SOURCE is CONTAINER@SNAPSHOT)
+    ///
+    /// The clone shares all data with the snapshot; only metadata is copied.
     Clone {
         source: String,
         name: String,
@@ -254,8 +260,10 @@ enum SnapshotCommand {
         #[command(flatten)]
         store: StoreArg,
     },
-    /// Undo every change made to CONTAINER since snapshot NAME (its newest, unless
-    /// --destroy-newer); the space of what was written since comes back
+    /// Undo every change made to CONTAINER since snapshot NAME
+    ///
+    /// NAME must be the newest snapshot unless --destroy-newer; the space of what was
+    /// written since comes back.
     Rollback {
         container: String,
         name: String,
@@ -269,8 +277,10 @@ enum SnapshotCommand {
         #[command(flatten)]
         store: StoreArg,
     },
-    /// Delete the snapshots a retention policy does not keep (restic/borg meaning, UTC
-    /// buckets: each --keep-X N keeps the newest snapshot of each of the N latest periods)
+    /// Delete the snapshots a retention policy does not keep
+    ///
+    /// Same meaning as restic's and borg's flags, in UTC: each --keep-X N keeps the newest
+    /// snapshot of each of the N latest periods that have one.
     Prune {
         container: String,
         /// Keep the N newest snapshots
