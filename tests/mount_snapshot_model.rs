@@ -378,7 +378,7 @@ impl Run {
         while out.len() < len {
             let piece = (len - out.len()).min(self.rng.gen_range(1..=96 * 1024));
             match self.rng.gen_range(0..4) {
-                0 => out.extend(std::iter::repeat(0u8).take(piece)),
+                0 => out.extend(std::iter::repeat_n(0u8, piece)),
                 1 | 2 => {
                     // Shared between files: 4 KiB-aligned slices of one pool.
                     let at = self.rng.gen_range(0..=(self.pool.len() - piece) / 4096) * 4096;
@@ -687,18 +687,13 @@ impl Run {
             return false;
         }
         let sk = self.model.kind(&src).unwrap();
-        match self.model.kind(&dst) {
-            None => {}
-            Some(Kind::Dir) => {
-                if sk != Kind::Dir || !self.model.children(&dst).is_empty() {
-                    return false;
-                }
-            }
-            Some(_) => {
-                if sk == Kind::Dir || self.model.names[&dst] == self.model.names[&src] {
-                    return false;
-                }
-            }
+        let refused = match self.model.kind(&dst) {
+            None => false,
+            Some(Kind::Dir) => sk != Kind::Dir || !self.model.children(&dst).is_empty(),
+            Some(_) => sk == Kind::Dir || self.model.names[&dst] == self.model.names[&src],
+        };
+        if refused {
+            return false;
         }
         self.note(format!(
             "rename {src} -> {dst} (over {:?})",
