@@ -344,7 +344,8 @@ pub fn execute(ns: &Namespace, op: &Op, served_by_mount: bool) -> Result<Value, 
             Ok(Value::Array(list))
         }
         Op::ContainerInfo { name } => ns
-            .container_info(name)
+            .commit_closed_files()
+            .and_then(|()| ns.container_info(name))
             .map(|i| serde_json::to_value(i).unwrap_or(Value::Null))
             .map_err(|e| container_error(name, e)),
         Op::ContainerDelete { name, force } => ns
@@ -352,6 +353,7 @@ pub fn execute(ns: &Namespace, op: &Op, served_by_mount: bool) -> Result<Value, 
             .map(|()| json!({ "deleted": name }))
             .map_err(|e| container_error(name, e)),
         Op::Stats { container } => {
+            ns.commit_closed_files().map_err(|e| e.to_string())?;
             let mut store = crate::stats::stats(&ns.kv).map_err(|e| e.to_string())?;
             if let Some(name) = container {
                 store.containers.retain(|c| &c.name == name);

@@ -147,9 +147,20 @@ impl FuseSession {
         root: InodeNo,
     ) -> std::io::Result<FuseSession> {
         let fs = DedupFs::new(ns.clone(), root);
-        let notifier = fs.notifier.clone();
+        let stale_attrs = fs.stale_attrs.clone();
         let session = fuser::Session::new(fs, mountpoint, &options.config)?;
-        let _ = notifier.set(session.notifier());
+        let (sender, receiver) = std::sync::mpsc::channel::<INodeNo>();
+        let notifier = session.notifier();
+        // One thread for the session: a notification sent from inside a request on the same
+        // inode may wait on that request. It ends when the filesystem (the sender) is dropped.
+        std::thread::Builder::new()
+            .name("inval-attr".into())
+            .spawn(move || {
+                for i in receiver {
+                    let _ = notifier.inval_inode(i, -1, 0);
+                }
+            })?;
+        let _ = stale_attrs.set(sender);
         if root == InodeNo::ROOT {
             // A rollback changes files under the kernel's caches: drop what it touched. Node
             // ids are inode numbers in the main mount.
@@ -180,8 +191,9 @@ impl FuseSession {
 
 pub struct DedupFs {
     ns: Arc<Namespace>,
-    /// Tells the kernel to drop cached attributes the namespace changed on its own.
-    notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
+    /// Node ids whose cached attributes the kernel must drop: the namespace changed them
+    /// without a setattr the kernel would see. Served by a thread the mount starts.
+    stale_attrs: Arc<std::sync::OnceLock<std::sync::mpsc::Sender<INodeNo>>>,
     /// Listings of open directories, by handle: a readdir offset is an index into one, so
     /// a listing resumes in O(1) however large the directory.
     dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
@@ -198,7 +210,7 @@ impl DedupFs {
             root,
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
-            notifier: Arc::new(std::sync::OnceLock::new()),
+            stale_attrs: Arc::new(std::sync::OnceLock::new()),
         }
     }
 
@@ -221,15 +233,10 @@ impl DedupFs {
     }
 
     /// Drops the kernel's cached attributes of `ino` after a reply: an ACL xattr changes
-    /// the mode without a setattr the kernel would see. Done on another thread, since a
-    /// notification from inside a request on the same inode may wait on that request.
+    /// the mode without a setattr the kernel would see.
     fn invalidate_attr_later(&self, i: INodeNo) {
-        if let Some(notifier) = self.notifier.get().cloned() {
-            let _ = std::thread::Builder::new()
-                .name("inval".into())
-                .spawn(move || {
-                    let _ = notifier.inval_inode(i, -1, 0);
-                });
+        if let Some(stale) = self.stale_attrs.get() {
+            let _ = stale.send(i);
         }
     }
 }
@@ -631,7 +638,7 @@ impl Filesystem for DedupFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        Self::reply_empty(self.ns.flush(self.ino(i)), reply);
+        Self::reply_empty(self.ns.flush_on_close(self.ino(i)), reply);
     }
 
     fn release(

@@ -71,9 +71,14 @@ struct FileState {
     released: Vec<(u64, Extent)>,
     /// mtime and ctime to record at the next commit.
     times_dirty: Option<i64>,
+    /// The times a commit in flight took from `times_dirty`, until it stores them.
+    sealed_times: Option<i64>,
     /// A natural cut at which a held-back tail starts: re-chunking may begin there.
     resume_at: Option<u64>,
     dirty_since: Option<Instant>,
+    /// Flushed by a close with nothing written since: the pending writes wait only for the
+    /// release.
+    closed: bool,
 }
 
 impl FileState {
@@ -93,8 +98,10 @@ impl FileState {
             error: Some(FsError::NotFound),
             released: Vec::new(),
             times_dirty: None,
+            sealed_times: None,
             resume_at: None,
             dirty_since: None,
+            closed: false,
         }
     }
 
@@ -362,14 +369,23 @@ enum Holes {
 }
 
 impl OpenFile {
-    pub(crate) fn patch_attr(&self, rec: &mut InodeRecord) {
+    /// The stored record of the file read by `read`, with the pending writes applied. The
+    /// record is read under the file's lock, which every commit of the file holds while it
+    /// stores its batch: the record and the pending state are of the same moment.
+    pub(crate) fn attr_with_pending(
+        &self,
+        read: impl FnOnce() -> FsResult<InodeRecord>,
+    ) -> FsResult<InodeRecord> {
         let st = self.state.lock();
+        let mut rec = read()?;
         rec.size = st.size;
         rec.data_bytes = st.data_bytes + (st.dirty_bytes + st.sealed_bytes) as u64;
-        if let Some(t) = st.times_dirty {
+        // A commit in flight has taken the writes' times and not stored them yet.
+        if let Some(t) = st.times_dirty.or(st.sealed_times) {
             rec.mtime = t;
             rec.ctime = t;
         }
+        Ok(rec)
     }
 }
 
@@ -422,8 +438,10 @@ impl Namespace {
                 error: None,
                 released: Vec::new(),
                 times_dirty: None,
+                sealed_times: None,
                 resume_at: None,
                 dirty_since: None,
+                closed: false,
             }),
             idle: Condvar::new(),
         })
@@ -495,7 +513,13 @@ impl Namespace {
                 open.remove(&ino);
             }
         }
-        result?;
+        if let Err(e) = result {
+            // The writer has closed the file and may be gone: keep the failure for the next
+            // sync of the store, and say which file lost its writes.
+            tracing::error!("{ino}: committing the writes of a closed file failed: {e}");
+            self.lost_commit.lock().get_or_insert(e);
+            return Err(e);
+        }
         self.purge_if_orphan(ino)
     }
 
@@ -541,6 +565,7 @@ impl Namespace {
                 return Err(e);
             }
             st.insert_dirty(offset, data);
+            st.closed = false;
             st.size = st.size.max(end);
             st.times_dirty = Some(now_ns());
             st.dirty_since.get_or_insert_with(Instant::now);
@@ -616,7 +641,42 @@ impl Namespace {
         })
     }
 
-    /// Commits pending writes (close, flush).
+    /// What `close(2)` waits for: the failure of an earlier background commit of the file,
+    /// if any. The pending writes are committed by the release that follows, which the
+    /// kernel sends without making the closing process wait, so a writer of many small
+    /// files does not wait for each one's chunking, compression and batch; what it reads
+    /// back meanwhile comes from the open file's pending state.
+    pub fn flush_on_close(&self, ino: InodeNo) -> FsResult<()> {
+        let Some(file) = self.open_files.lock().get(&ino).map(|e| e.0.clone()) else {
+            return Ok(());
+        };
+        let mut st = file.state.lock();
+        st.closed = true;
+        match st.error.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Commits the files closed since their last writes whose release has not come yet, so
+    /// that what reports space (statfs, stats) counts everything a writer has closed.
+    pub fn commit_closed_files(&self) -> FsResult<()> {
+        let files: Vec<Arc<OpenFile>> = self
+            .open_files
+            .lock()
+            .values()
+            .map(|e| e.0.clone())
+            .collect();
+        for file in files {
+            let st = file.state.lock();
+            if st.closed && st.has_pending() {
+                self.commit(&file, st, CommitMode::All, Sync::Process, None)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Commits pending writes.
     pub fn flush(&self, ino: InodeNo) -> FsResult<()> {
         if is_snapshot_ino(ino) {
             return Ok(());
@@ -636,9 +696,14 @@ impl Namespace {
         self.with_file(ino, |file| self.commit_open_file(file, Sync::Disk))
     }
 
-    /// Makes every committed operation durable (fsync of a directory, syncfs).
+    /// Makes every committed operation durable (fsync of a directory, syncfs). Reports,
+    /// once, a commit after close that failed since the last call.
     pub fn sync_all(&self) -> FsResult<()> {
-        Ok(self.kv.sync_wal()?)
+        self.kv.sync_wal()?;
+        match self.lost_commit.lock().take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     pub(crate) fn commit_open_file(&self, file: &OpenFile, sync: Sync) -> FsResult<()> {
@@ -1034,7 +1099,10 @@ impl Namespace {
             stream,
             released: std::mem::take(&mut st.released),
             size: st.size,
-            times: st.times_dirty.take(),
+            times: {
+                st.sealed_times = st.times_dirty.take();
+                st.sealed_times
+            },
         })
     }
 
@@ -1107,6 +1175,7 @@ impl Namespace {
         );
         let sealed_bytes = std::mem::take(&mut st.sealed);
         st.sealed_bytes = 0;
+        st.sealed_times = None;
         let outcome = match result {
             Ok((new_extents, data_bytes)) => {
                 for off in &sealed.plan.removed {

@@ -227,6 +227,9 @@ pub struct Namespace {
     /// Background commit threads still running; [`Namespace::shutdown`] waits for none, so
     /// that no thread holds the store when it is reopened.
     pub(crate) jobs: Arc<(Mutex<usize>, parking_lot::Condvar)>,
+    /// The first failure of a commit nobody waited for (a release after close): reported
+    /// by the next [`Namespace::sync_all`], as a syncfs reports lost writeback.
+    pub(crate) lost_commit: Mutex<Option<FsError>>,
     /// Pending bytes of one file that start a background commit.
     pub(crate) dirty_limit: std::sync::atomic::AtomicUsize,
     /// Free space of the filesystem holding the store, sampled now and then.
@@ -430,6 +433,7 @@ impl Namespace {
             io: IoCounters::default(),
             me: std::sync::OnceLock::new(),
             jobs: Arc::new((Mutex::new(0), parking_lot::Condvar::new())),
+            lost_commit: Mutex::new(None),
             dirty_limit: std::sync::atomic::AtomicUsize::new(file::DIRTY_LIMIT),
             space: SpaceGuard::new(),
         };
@@ -810,11 +814,11 @@ impl Namespace {
         if is_snapshot_ino(ino) {
             return self.view_getattr(View::of(ino));
         }
-        let mut rec = self.inode(ino)?;
         let open = self.open_files.lock().get(&ino).map(|e| e.0.clone());
-        if let Some(f) = open {
-            f.patch_attr(&mut rec);
-        }
+        let rec = match open {
+            Some(f) => f.attr_with_pending(|| self.inode(ino))?,
+            None => self.inode(ino)?,
+        };
         Ok(Attr { ino, rec })
     }
 

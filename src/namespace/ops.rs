@@ -830,6 +830,7 @@ impl Namespace {
 
     /// Free space of the filesystem holding the store; used space is what the store holds.
     pub fn statfs(&self) -> FsResult<StatFs> {
+        self.commit_closed_files()?;
         let path = std::ffi::CString::new(self.store.path.as_os_str().as_encoded_bytes())
             .map_err(|_| FsError::Invalid)?;
         // SAFETY: statvfs writes into the zeroed struct we pass; path is NUL-terminated.

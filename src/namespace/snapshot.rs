@@ -281,8 +281,14 @@ impl Namespace {
         let birth = key::split_versioned(&old_key)
             .map(|(_, e)| e)
             .ok_or(FsError::Io)?;
-        let removed = self.retire(txn, cf, &old_key, birth, container, ep);
         let new_key = key::versioned(prefix, ep.live);
+        let removed = if value.is_some() && old_key == new_key && ep.unseen(birth) {
+            // Rewritten in the epoch it was born in: the put below replaces it, and a delete
+            // of the same key first would only cost the memtable another entry.
+            true
+        } else {
+            self.retire(txn, cf, &old_key, birth, container, ep)
+        };
         match value {
             Some(v) => txn.batch.put(&self.kv, cf, &new_key, v),
             None => {
