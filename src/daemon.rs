@@ -27,7 +27,8 @@ pub struct MountConfig {
     pub store: PathBuf,
     pub mountpoint: PathBuf,
     pub options: Vec<String>,
-    pub cache_bytes: u64,
+    /// Shared out between the database's buffers, the chunk cache and pending writes.
+    pub memory: crate::memory::MemoryBudget,
     /// `CONTAINER@SNAPSHOT`: mount that snapshot, read-only, instead of the whole store.
     pub snapshot: Option<String>,
 }
@@ -204,19 +205,25 @@ pub fn serve(cfg: MountConfig, ready_fd: Option<RawFd>) -> Result<()> {
 fn start(cfg: &MountConfig, ready: &mut Ready) -> Result<()> {
     // Write buffers and chunk batches are tens of MiB, allocated and freed at every commit.
     // Keep freed memory in the heap instead of returning it to the kernel, which would fault
-    // every page in again (measured: ~12% of the daemon's CPU time went to page faults).
+    // every page in again (measured: ~12% of the daemon's CPU time went to page faults), but
+    // only a quarter of the budget of it. Two arenas: glibc's default of 8 per core let
+    // each committing thread keep its own freed batches (measured: peak RSS 506 MiB with
+    // the default arenas, 243 MiB with two, same throughput, five writers).
     // SAFETY: mallopt only changes allocator tuning parameters.
     unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+        let keep = (cfg.memory.total() / 4).min(i32::MAX as u64) as libc::c_int;
+        libc::mallopt(libc::M_TRIM_THRESHOLD, keep);
     }
     let mountpoint = check_mountpoint(&cfg.mountpoint)?;
     let fuse_options = MountOptions::parse(&cfg.store, &cfg.options).map_err(|e| anyhow!(e))?;
-    let mut store = Store::open(&cfg.store)?;
+    let mut store = Store::open_with(&cfg.store, &cfg.memory)?;
     store.set_holder(&format!("mounted at {}", mountpoint.display()));
     let store_path = store.path.clone();
-    let ns = Namespace::new(store, cfg.cache_bytes)
+    let ns = Namespace::new(store, cfg.memory.chunk_cache())
         .map_err(|e| anyhow!("{}: cannot open namespace: {e}", cfg.store.display()))?;
+    ns.set_pending_budget(cfg.memory.pending_writes() as usize);
     let (root, fuse_options, held) = match &cfg.snapshot {
         None => (crate::ids::InodeNo::ROOT, fuse_options, None),
         Some(spec) => {
@@ -338,8 +345,8 @@ pub fn spawn_background(cfg: &MountConfig, log: &Path) -> Result<()> {
         .arg("--foreground")
         .arg("--ready-fd")
         .arg(write_fd.to_string())
-        .arg("--cache-size")
-        .arg(cfg.cache_bytes.to_string());
+        .arg("--memory")
+        .arg(cfg.memory.total().to_string());
     if let Some(spec) = &cfg.snapshot {
         cmd.arg("--snapshot").arg(spec);
     }

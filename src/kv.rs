@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use thiserror::Error;
 
+use crate::memory::MemoryBudget;
+
 #[derive(Debug, Error)]
 pub enum KvError {
     #[error("store is locked by another process (is it mounted?)")]
@@ -152,24 +154,42 @@ pub enum Sync {
 }
 
 impl Kv {
-    /// Opens (or with `create`, creates) the database in `dir`.
+    /// Opens (or with `create`, creates) the database in `dir`, with the default memory
+    /// budget.
     pub fn open(dir: &Path, create: bool) -> Result<Kv> {
+        Kv::open_with(dir, create, &MemoryBudget::default())
+    }
+
+    /// Opens the database with its write buffers and block cache sized from `memory`.
+    pub fn open_with(dir: &Path, create: bool, memory: &MemoryBudget) -> Result<Kv> {
         let mut opts = rocksdb::Options::default();
         opts.create_if_missing(create);
         opts.create_missing_column_families(create);
         opts.set_max_background_jobs(2);
         opts.set_bytes_per_sync(1 << 20);
-        // Bounded memory: 32 MiB memtables, two of them per family at most.
-        opts.set_write_buffer_size(32 << 20);
+        // Bounded memory: every family's memtables together stay under the budget's share
+        // (past it RocksDB flushes the biggest), two memtables per family at most.
+        opts.set_db_write_buffer_size(memory.write_buffers() as usize);
+        opts.set_write_buffer_size(memory.record_write_buffer() as usize);
         opts.set_max_write_buffer_number(2);
         opts.set_compression_type(rocksdb::DBCompressionType::None);
         // Chunk payloads pass through the WAL: bound it, so that families with little
         // traffic (inodes, meta) are flushed and old logs deleted instead of every written
         // byte being kept twice on disk until they fill their write buffers.
         opts.set_max_total_wal_size(128 << 20);
+        // One block cache for every family (by default each would get its own).
+        let cache = rocksdb::Cache::new_lru_cache(memory.block_cache() as usize)
+            .map_err(KvError::from_engine)?;
+        let mut table = rocksdb::BlockBasedOptions::default();
+        table.set_block_cache(&cache);
         let descriptors = Cf::ALL.iter().map(|cf| {
             let mut cf_opts = rocksdb::Options::default();
-            cf_opts.set_write_buffer_size(if *cf == Cf::Chunk { 64 << 20 } else { 16 << 20 });
+            cf_opts.set_block_based_table_factory(&table);
+            cf_opts.set_write_buffer_size(if *cf == Cf::Chunk {
+                memory.chunk_write_buffer() as usize
+            } else {
+                memory.record_write_buffer() as usize
+            });
             cf_opts.set_max_write_buffer_number(2);
             cf_opts.set_compression_type(rocksdb::DBCompressionType::None);
             if *cf == Cf::Chunk {

@@ -18,6 +18,7 @@ pub mod fsck;
 pub mod fuse;
 pub mod ids;
 pub mod kv;
+pub mod memory;
 pub mod namespace;
 pub mod restore;
 pub mod retention;

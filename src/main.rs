@@ -77,9 +77,11 @@ enum Command {
         /// Stay attached to the terminal; unmount with Ctrl-C or `dedupfs umount`
         #[arg(long, short = 'f')]
         foreground: bool,
-        /// Memory for decompressed chunks (e.g. 128M)
-        #[arg(long, default_value = "128M")]
-        cache_size: String,
+        /// Memory budget of the mount (e.g. 256M, 1G; at least 64M): the database's
+        /// write buffers and block cache, the cache of decompressed chunks and the writes
+        /// not committed yet all take a share of it
+        #[arg(long, default_value = "256M")]
+        memory: String,
         /// Mount one snapshot, read-only, as CONTAINER@SNAPSHOT (for file-level restore).
         /// Works also while the store is mounted: the running mount then serves it
         #[arg(long, value_name = "CONTAINER@SNAPSHOT")]
@@ -635,11 +637,17 @@ fn run(cli: Cli) -> Result<()> {
             mountpoint,
             options,
             foreground,
-            cache_size,
+            memory,
             snapshot,
             ready_fd,
         } => {
-            let cache_bytes = parse_size(&cache_size)?;
+            let memory =
+                dedupfs::memory::MemoryBudget::new(parse_size(&memory)?).ok_or_else(|| {
+                    anyhow!(
+                        "--memory {memory}: the budget must be at least {} MiB",
+                        dedupfs::memory::MemoryBudget::MIN_BYTES >> 20
+                    )
+                })?;
             let store = std::fs::canonicalize(&store)
                 .map_err(|e| anyhow!("store {}: {e}", store.display()))?;
             if let (Some(spec), None) = (&snapshot, ready_fd) {
@@ -667,7 +675,7 @@ fn run(cli: Cli) -> Result<()> {
                 store: store.clone(),
                 mountpoint,
                 options,
-                cache_bytes,
+                memory,
                 snapshot,
             };
             if foreground {

@@ -19,6 +19,7 @@ use thiserror::Error;
 use crate::chunking::{ChunkerParams, Compression};
 use crate::format::{self, FORMAT_VERSION};
 use crate::kv::{Batch, Cf, Kv, KvError, Sync};
+use crate::memory::MemoryBudget;
 
 pub const MARKER_FILE: &str = "dedupfs-store";
 pub const LOCK_FILE: &str = "lock";
@@ -152,11 +153,17 @@ impl Store {
         Ok(())
     }
 
-    /// Opens the store for exclusive use by this process.
+    /// Opens the store for exclusive use by this process, with the default memory budget.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        Store::open_with(path, &MemoryBudget::default())
+    }
+
+    /// Opens the store for exclusive use by this process; the database's buffers and
+    /// caches take their shares of `memory`.
+    pub fn open_with(path: &Path, memory: &MemoryBudget) -> Result<Store, StoreError> {
         Store::check(path)?;
         let lock = lock(path)?;
-        let kv = Kv::open(&path.join(DB_DIR), false)?;
+        let kv = Kv::open_with(&path.join(DB_DIR), false, memory)?;
         let config_bytes =
             kv.get(Cf::Meta, format::meta::CONFIG)?
                 .ok_or_else(|| StoreError::BadMarker {

@@ -22,8 +22,9 @@ use crate::ids::{ChunkId, ContainerId, Epoch, InodeNo};
 use crate::kv::{Cf, Sync};
 use crate::store::now_ns;
 
-/// Dirty bytes of one file that trigger a commit. Big enough that hashing and compression
-/// run on large batches on every core, small enough to bound memory per writer.
+/// Dirty bytes of one file that trigger a commit, at most (fewer when many files are open,
+/// see `Namespace::file_dirty_limit`). Big enough that hashing and compression run on large
+/// batches on every core, small enough to bound memory per writer.
 pub const DIRTY_LIMIT: usize = 16 << 20;
 
 /// A committed chunk of a file.
@@ -560,6 +561,7 @@ impl Namespace {
         // write that does not fit.
         self.check_space(data.len() as u64)?;
         self.with_file(ino, |file| {
+            let limit = self.file_dirty_limit();
             let mut st = file.state.lock();
             if let Some(e) = st.error.take() {
                 return Err(e);
@@ -572,8 +574,8 @@ impl Namespace {
             self.io
                 .bytes_written
                 .fetch_add(data.len() as u64, Ordering::Relaxed);
-            if st.dirty_bytes >= self.dirty_limit.load(Ordering::Relaxed) {
-                self.commit_in_background(file, st)?;
+            if st.dirty_bytes >= limit {
+                self.commit_in_background(file, st, limit)?;
             }
             Ok(data.len() as u32)
         })
@@ -1027,12 +1029,13 @@ impl Namespace {
         &self,
         file: &Arc<OpenFile>,
         mut st: MutexGuard<'_, FileState>,
+        limit: usize,
     ) -> FsResult<()> {
         Self::wait_idle(file, &mut st);
         if let Some(e) = st.error.take() {
             return Err(e);
         }
-        if st.dirty_bytes < self.dirty_limit.load(Ordering::Relaxed) {
+        if st.dirty_bytes < limit {
             return Ok(());
         }
         let sealed = self.seal(file.ino, &mut st, CommitMode::HoldTail)?;

@@ -232,6 +232,9 @@ pub struct Namespace {
     pub(crate) lost_commit: Mutex<Option<FsError>>,
     /// Pending bytes of one file that start a background commit.
     pub(crate) dirty_limit: std::sync::atomic::AtomicUsize,
+    /// Pending bytes of all open files together: shared out, each open file commits at
+    /// its share when that is below `dirty_limit`.
+    pub(crate) pending_budget: std::sync::atomic::AtomicUsize,
     /// Free space of the filesystem holding the store, sampled now and then.
     space: SpaceGuard,
 }
@@ -435,6 +438,9 @@ impl Namespace {
             jobs: Arc::new((Mutex::new(0), parking_lot::Condvar::new())),
             lost_commit: Mutex::new(None),
             dirty_limit: std::sync::atomic::AtomicUsize::new(file::DIRTY_LIMIT),
+            pending_budget: std::sync::atomic::AtomicUsize::new(
+                crate::memory::MemoryBudget::default().pending_writes() as usize,
+            ),
             space: SpaceGuard::new(),
         };
         let ns = Arc::new(ns);
@@ -454,6 +460,22 @@ impl Namespace {
     /// exercise background commits).
     pub fn set_dirty_limit(&self, bytes: usize) {
         self.dirty_limit.store(bytes.max(1), Ordering::Relaxed);
+    }
+
+    /// Sets how many pending bytes all open files may hold together (see
+    /// [`crate::memory::MemoryBudget::pending_writes`]).
+    pub fn set_pending_budget(&self, bytes: usize) {
+        self.pending_budget.store(bytes.max(1), Ordering::Relaxed);
+    }
+
+    /// Pending bytes at which one file commits: its share of the pending budget among the
+    /// open files, never more than the dirty limit, never less than a few chunks (so that
+    /// thousands of open files still commit whole chunks).
+    pub(crate) fn file_dirty_limit(&self) -> usize {
+        const FLOOR: usize = 512 << 10;
+        let open = self.open_files.lock().len().max(1);
+        let share = (self.pending_budget.load(Ordering::Relaxed) / open).max(FLOOR);
+        share.min(self.dirty_limit.load(Ordering::Relaxed))
     }
 
     /// ENOSPC when the store's filesystem is down to its reserve (see [`SpaceGuard`]).

@@ -471,9 +471,14 @@ impl Namespace {
         Ok(())
     }
 
-    /// Called at a file's last release: an unlinked file's data goes now.
+    /// Called at a file's last release: an unlinked file's data goes now, unless it was
+    /// opened again meanwhile (then its own last release purges it). Opens register under
+    /// the commit lock, so the check below cannot race with one.
     pub(crate) fn purge_if_orphan(&self, ino: InodeNo) -> FsResult<()> {
         let mut st = self.commit.lock();
+        if self.open_files.lock().contains_key(&ino) {
+            return Ok(());
+        }
         match self.read_inode(ino)? {
             Some((rec, _)) if rec.nlink == 0 => {
                 let mut txn = Txn::new(Sync::Process);

@@ -86,15 +86,22 @@ impl Mounted {
     }
 
     pub fn mount_with(&mut self, options: &[&str]) {
+        let args: Vec<String> = options
+            .iter()
+            .flat_map(|o| ["-o".to_string(), o.to_string()])
+            .collect();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.mount_with_args(&args);
+    }
+
+    /// Mounts with extra arguments of `dedupfs mount` (e.g. "--memory", "64M").
+    pub fn mount_with_args(&mut self, extra: &[&str]) {
         let mut args: Vec<std::ffi::OsString> = vec![
             "mount".into(),
             self.store.clone().into(),
             self.mnt.clone().into(),
         ];
-        for o in options {
-            args.push("-o".into());
-            args.push(o.into());
-        }
+        args.extend(extra.iter().map(std::ffi::OsString::from));
         ok(dedupfs(&args));
         self.mounted = true;
     }
