@@ -667,8 +667,14 @@ impl Run {
                 };
                 self.note(format!("read {p}"));
                 let got = self.expect_ok(fs::read(self.live(&p)), &format!("read {p}"));
-                if got != self.model.node(&p).unwrap().data {
-                    self.fail(&format!("read {p}: contents differ from the model"));
+                let want = &self.model.node(&p).unwrap().data;
+                if &got != want {
+                    let at = got.iter().zip(want).position(|(a, b)| a != b);
+                    self.fail(&format!(
+                        "read {p}: contents differ from the model (len {} vs model {}, first difference at {at:?})",
+                        got.len(),
+                        want.len()
+                    ));
                 }
             }
         }

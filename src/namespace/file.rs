@@ -483,7 +483,7 @@ impl Namespace {
             return Err(FsError::NotFound);
         }
         let file = Arc::new(self.load_file(ino, &rec)?);
-        open.insert(ino, (file.clone(), 1));
+        open.insert(ino, (file.clone(), 1, 0));
         drop(open);
         drop(st);
         Ok(file)
@@ -505,13 +505,20 @@ impl Namespace {
             if entry.1 > 0 {
                 return Ok(());
             }
+            entry.2 += 1;
             entry.0.clone()
         };
         let result = self.commit_open_file(&file, Sync::Process);
         {
+            // The file may have been opened, written and released again while this commit
+            // ran: only the last release to finish lets go of the state, or an open in
+            // between would load the store's copy without the other release's writes.
             let mut open = self.open_files.lock();
-            if open.get(&ino).is_some_and(|e| e.1 == 0) {
-                open.remove(&ino);
+            if let Some(entry) = open.get_mut(&ino) {
+                entry.2 -= 1;
+                if entry.1 == 0 && entry.2 == 0 {
+                    open.remove(&ino);
+                }
             }
         }
         if let Err(e) = result {

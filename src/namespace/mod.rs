@@ -219,8 +219,9 @@ pub struct Namespace {
     pub(crate) mounted_snapshots: Mutex<HashMap<crate::ids::SnapshotId, u32>>,
     /// Snapshot files open for reading, by view inode, with their handle counts.
     pub(crate) snap_files: Mutex<HashMap<InodeNo, (Arc<snapshot::SnapFile>, u32)>>,
-    /// Open files with their handle counts.
-    pub(crate) open_files: Mutex<HashMap<InodeNo, (Arc<OpenFile>, u32)>>,
+    /// Open files with their handle counts and the number of last releases still
+    /// committing them (the entry stays until both are zero).
+    pub(crate) open_files: Mutex<HashMap<InodeNo, (Arc<OpenFile>, u32, u32)>>,
     pub io: IoCounters,
     /// This namespace, for work handed to other threads (background commits).
     pub(crate) me: std::sync::OnceLock<std::sync::Weak<Namespace>>,
