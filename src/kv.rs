@@ -167,6 +167,10 @@ impl Kv {
         opts.create_missing_column_families(create);
         opts.set_max_background_jobs(2);
         opts.set_bytes_per_sync(1 << 20);
+        // Chunks are laid out in blob files in the order they were written, and restores
+        // and backups read them back in about that order: let the kernel read ahead
+        // (RocksDB's default advises random access, which turns readahead off).
+        opts.set_advise_random_on_open(false);
         // Bounded memory: every family's memtables together stay under the budget's share
         // (past it RocksDB flushes the biggest), two memtables per family at most.
         opts.set_db_write_buffer_size(memory.write_buffers() as usize);
