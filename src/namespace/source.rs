@@ -1,22 +1,33 @@
 //! A snapshot as a [`restore::Source`]: `dedupfs restore` reads through the namespace when
-//! no mount holds the store. Paths resolve component by component in the snapshot's view,
-//! and every chunk read is verified.
+//! no mount holds the store. Paths resolve component by component in the snapshot's view
+//! (each remembered once met), and every chunk read is verified.
 
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::io::{self, Read};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
+use parking_lot::Mutex;
+
 use super::{FsError, Namespace, View};
 use crate::format::Kind;
 use crate::ids::InodeNo;
 use crate::restore::{EntryKind, Source, SourceMeta};
 
+/// Paths whose inode [`SnapshotSource`] remembers before it forgets them all: a few MiB.
+const KNOWN_PATHS: usize = 1 << 16;
+
 /// One snapshot of one container, read through the library.
 pub struct SnapshotSource {
     ns: Arc<Namespace>,
     root: InodeNo,
+    /// Inodes of paths met so far. A restore asks about every path several times (stat,
+    /// xattrs, open) right after listing its directory, and walking from the root each time
+    /// cost two reads of the store per component. A snapshot never changes, so an entry never
+    /// goes stale.
+    known: Mutex<HashMap<PathBuf, InodeNo>>,
 }
 
 fn io_error(e: FsError) -> io::Error {
@@ -31,22 +42,55 @@ impl SnapshotSource {
         Ok(SnapshotSource {
             root: View::Snapshot(s.id, c.root).ino(),
             ns,
+            known: Mutex::new(HashMap::new()),
         })
     }
 
     fn resolve(&self, rel: &Path) -> io::Result<InodeNo> {
-        let mut ino = self.root;
-        for part in rel.components() {
-            match part {
-                Component::Normal(name) => {
-                    ino = self.ns.lookup(ino, name.as_bytes()).map_err(io_error)?.ino;
-                }
-                Component::CurDir | Component::RootDir => {}
-                _ => return Err(io::Error::from_raw_os_error(libc::EINVAL)),
-            }
+        self.resolve_clean(&clean(rel)?)
+    }
+
+    /// `resolve` of a path made only of names.
+    fn resolve_clean(&self, path: &Path) -> io::Result<InodeNo> {
+        let Some(name) = path.file_name() else {
+            return Ok(self.root);
+        };
+        if let Some(&ino) = self.known.lock().get(path) {
+            return Ok(ino);
         }
+        let parent = self.resolve_clean(path.parent().unwrap_or(Path::new("")))?;
+        let ino = self
+            .ns
+            .lookup(parent, name.as_bytes())
+            .map_err(io_error)?
+            .ino;
+        self.remember(vec![(path.to_path_buf(), ino)]);
         Ok(ino)
     }
+
+    fn remember(&self, paths: Vec<(PathBuf, InodeNo)>) {
+        if paths.len() > KNOWN_PATHS / 2 {
+            return; // a huge directory: its entries are looked up one by one
+        }
+        let mut known = self.known.lock();
+        if known.len() + paths.len() > KNOWN_PATHS {
+            known.clear();
+        }
+        known.extend(paths);
+    }
+}
+
+/// `rel` as names only, the form `SnapshotSource::known` is keyed by.
+fn clean(rel: &Path) -> io::Result<PathBuf> {
+    let mut out = PathBuf::new();
+    for part in rel.components() {
+        match part {
+            Component::Normal(name) => out.push(name),
+            Component::CurDir | Component::RootDir => {}
+            _ => return Err(io::Error::from_raw_os_error(libc::EINVAL)),
+        }
+    }
+    Ok(out)
 }
 
 impl Source for SnapshotSource {
@@ -76,11 +120,19 @@ impl Source for SnapshotSource {
     }
 
     fn read_dir(&self, rel: &Path) -> io::Result<Vec<OsString>> {
-        let entries = self.ns.readdir(self.resolve(rel)?).map_err(io_error)?;
-        Ok(entries
-            .into_iter()
-            .map(|e| OsString::from_vec(e.name))
-            .collect())
+        let dir = clean(rel)?;
+        let entries = self
+            .ns
+            .readdir(self.resolve_clean(&dir)?)
+            .map_err(io_error)?;
+        let (mut names, mut paths) = (Vec::new(), Vec::new());
+        for e in entries {
+            let name = OsString::from_vec(e.name);
+            paths.push((dir.join(&name), e.ino));
+            names.push(name);
+        }
+        self.remember(paths);
+        Ok(names)
     }
 
     fn read_link(&self, rel: &Path) -> io::Result<PathBuf> {
@@ -91,12 +143,11 @@ impl Source for SnapshotSource {
     fn open(&self, rel: &Path) -> io::Result<Box<dyn Read + Send + '_>> {
         let ino = self.resolve(rel)?;
         self.ns.open(ino).map_err(io_error)?;
-        let size = self.ns.getattr(ino).map_err(io_error)?.rec.size;
         Ok(Box::new(SnapshotReader {
             ns: &self.ns,
             ino,
             offset: 0,
-            size,
+            end: false,
         }))
     }
 
@@ -117,7 +168,8 @@ struct SnapshotReader<'a> {
     ns: &'a Namespace,
     ino: InodeNo,
     offset: u64,
-    size: u64,
+    /// The namespace returned nothing: the end of the file.
+    end: bool,
 }
 
 /// Bytes per read: a few chunks, so that the namespace's reads stay large.
@@ -125,7 +177,7 @@ const READ_SIZE: u32 = 1 << 20;
 
 impl Read for SnapshotReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.offset >= self.size || buf.is_empty() {
+        if self.end || buf.is_empty() {
             return Ok(0);
         }
         let want = (buf.len() as u64).min(READ_SIZE as u64) as u32;
@@ -133,6 +185,7 @@ impl Read for SnapshotReader<'_> {
             .ns
             .read(self.ino, self.offset, want)
             .map_err(io_error)?;
+        self.end = data.is_empty();
         let n = data.len().min(buf.len());
         buf[..n].copy_from_slice(&data[..n]);
         self.offset += n as u64;
