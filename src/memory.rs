@@ -68,6 +68,7 @@ impl Default for MemoryBudget {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
