@@ -71,11 +71,11 @@ impl ChunkStore {
         if let Some(hit) = self.cache.get(id) {
             return Ok(hit);
         }
-        let stored = self
+        // Verified against the hash below, so RocksDB's own checksum is skipped.
+        let raw = self
             .kv
-            .get(Cf::Chunk, &id.0)?
-            .ok_or(ChunkError::Missing(*id))?;
-        let raw = self.verify(id, &stored)?;
+            .get_checked_by_caller(Cf::Chunk, &id.0, |stored| self.verify(id, stored))?
+            .ok_or(ChunkError::Missing(*id))??;
         let raw = Arc::new(raw);
         self.cache.insert(*id, raw.clone());
         Ok(raw)
