@@ -39,7 +39,7 @@ pub enum ParamError {
     Average(u64),
     #[error("unknown compression {0:?} (expected none or zstd:LEVEL, LEVEL 1-19)")]
     Compression(String),
-    #[error("bad size {0:?} (expected a number with an optional K or M suffix)")]
+    #[error("bad size {0:?} (expected a number with an optional K, M or G suffix)")]
     Size(String),
 }
 
@@ -100,6 +100,7 @@ pub fn parse_size(text: &str) -> Result<u64, ParamError> {
     let (digits, mult) = match t.chars().last() {
         Some('k' | 'K') => (&t[..t.len() - 1], 1024),
         Some('m' | 'M') => (&t[..t.len() - 1], 1024 * 1024),
+        Some('g' | 'G') => (&t[..t.len() - 1], 1024 * 1024 * 1024),
         _ => (t, 1),
     };
     digits
@@ -348,6 +349,9 @@ mod tests {
     #[test]
     fn params_parse() {
         assert_eq!(parse_size("64K").unwrap(), 65536);
+        assert_eq!(parse_size("256M").unwrap(), 256 << 20);
+        assert_eq!(parse_size("2g").unwrap(), 2 << 30);
+        assert!(parse_size("1T").is_err());
         assert!(ChunkerParams::with_average(3000).is_err());
         assert_eq!(Compression::parse("zstd:1").unwrap(), Compression::Zstd(1));
         assert!(Compression::parse("lz4").is_err());
