@@ -238,7 +238,7 @@ impl Namespace {
                 .open_files
                 .lock()
                 .values()
-                .map(|e| e.0.clone())
+                .map(|e| e.file.clone())
                 .collect();
             let mut mine = Vec::new();
             for f in files {

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use super::ops::FILE_SIZE_MAX;
-use super::{is_snapshot_ino, writable, Attr, Caller, FsError, FsResult, Namespace, Txn, View};
+use super::{
+    is_snapshot_ino, writable, Attr, Caller, FsError, FsResult, Namespace, OpenEntry, Txn, View,
+};
 use crate::chunk_store::ChunkError;
 use crate::chunking;
 use crate::format::{key, ExtentRecord, InodeRecord, Kind};
@@ -460,16 +462,16 @@ impl Namespace {
 
     fn open_live(&self, ino: InodeNo) -> FsResult<Arc<OpenFile>> {
         if let Some(entry) = self.open_files.lock().get_mut(&ino) {
-            entry.1 += 1;
-            return Ok(entry.0.clone());
+            entry.handles += 1;
+            return Ok(entry.file.clone());
         }
         // Loading happens under the commit lock so that no unlink can purge the inode
         // between reading it and registering it as open.
         let st = self.commit.lock();
         let mut open = self.open_files.lock();
         if let Some(entry) = open.get_mut(&ino) {
-            entry.1 += 1;
-            return Ok(entry.0.clone());
+            entry.handles += 1;
+            return Ok(entry.file.clone());
         }
         let rec = self.inode(ino)?;
         if rec.kind != Kind::File {
@@ -483,7 +485,14 @@ impl Namespace {
             return Err(FsError::NotFound);
         }
         let file = Arc::new(self.load_file(ino, &rec)?);
-        open.insert(ino, (file.clone(), 1, 0));
+        open.insert(
+            ino,
+            OpenEntry {
+                file: file.clone(),
+                handles: 1,
+                releasing: 0,
+            },
+        );
         drop(open);
         drop(st);
         Ok(file)
@@ -501,12 +510,12 @@ impl Namespace {
             let Some(entry) = open.get_mut(&ino) else {
                 return Ok(());
             };
-            entry.1 = entry.1.saturating_sub(1);
-            if entry.1 > 0 {
+            entry.handles = entry.handles.saturating_sub(1);
+            if entry.handles > 0 {
                 return Ok(());
             }
-            entry.2 += 1;
-            entry.0.clone()
+            entry.releasing += 1;
+            entry.file.clone()
         };
         let result = self.commit_open_file(&file, Sync::Process);
         {
@@ -515,8 +524,8 @@ impl Namespace {
             // between would load the store's copy without the other release's writes.
             let mut open = self.open_files.lock();
             if let Some(entry) = open.get_mut(&ino) {
-                entry.2 -= 1;
-                if entry.1 == 0 && entry.2 == 0 {
+                entry.releasing -= 1;
+                if entry.handles == 0 && entry.releasing == 0 {
                     open.remove(&ino);
                 }
             }
@@ -656,7 +665,7 @@ impl Namespace {
     /// files does not wait for each one's chunking, compression and batch; what it reads
     /// back meanwhile comes from the open file's pending state.
     pub fn flush_on_close(&self, ino: InodeNo) -> FsResult<()> {
-        let Some(file) = self.open_files.lock().get(&ino).map(|e| e.0.clone()) else {
+        let Some(file) = self.open_files.lock().get(&ino).map(|e| e.file.clone()) else {
             return Ok(());
         };
         let mut st = file.state.lock();
@@ -674,7 +683,7 @@ impl Namespace {
             .open_files
             .lock()
             .values()
-            .map(|e| e.0.clone())
+            .map(|e| e.file.clone())
             .collect();
         for file in files {
             let st = file.state.lock();
@@ -726,7 +735,7 @@ impl Namespace {
             .open_files
             .lock()
             .values()
-            .map(|e| e.0.clone())
+            .map(|e| e.file.clone())
             .collect();
         for file in files {
             let st = file.state.lock();
@@ -986,7 +995,7 @@ impl Namespace {
         ino: InodeNo,
         f: impl FnOnce() -> FsResult<T>,
     ) -> FsResult<T> {
-        let open = self.open_files.lock().get(&ino).map(|e| e.0.clone());
+        let open = self.open_files.lock().get(&ino).map(|e| e.file.clone());
         let Some(file) = open else {
             return f();
         };

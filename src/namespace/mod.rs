@@ -204,6 +204,15 @@ pub type Invalidator = Box<dyn Fn(&[Invalidation]) + Send + std::marker::Sync>;
 /// Default size of the decompressed-chunk cache.
 pub const DEFAULT_CACHE_BYTES: u64 = 128 << 20;
 
+/// An open file: its state, its open handles, and the last releases still committing it.
+/// The entry stays until both counts are zero, so that an open in between finds the state
+/// with every write in it rather than the store's copy.
+pub(crate) struct OpenEntry {
+    pub(crate) file: Arc<OpenFile>,
+    pub(crate) handles: u32,
+    pub(crate) releasing: u32,
+}
+
 pub struct Namespace {
     pub(crate) kv: Arc<Kv>,
     pub(crate) store: Store,
@@ -219,9 +228,8 @@ pub struct Namespace {
     pub(crate) mounted_snapshots: Mutex<HashMap<crate::ids::SnapshotId, u32>>,
     /// Snapshot files open for reading, by view inode, with their handle counts.
     pub(crate) snap_files: Mutex<HashMap<InodeNo, (Arc<snapshot::SnapFile>, u32)>>,
-    /// Open files with their handle counts and the number of last releases still
-    /// committing them (the entry stays until both are zero).
-    pub(crate) open_files: Mutex<HashMap<InodeNo, (Arc<OpenFile>, u32, u32)>>,
+    /// Open files, by inode.
+    pub(crate) open_files: Mutex<HashMap<InodeNo, OpenEntry>>,
     pub io: IoCounters,
     /// This namespace, for work handed to other threads (background commits).
     pub(crate) me: std::sync::OnceLock<std::sync::Weak<Namespace>>,
@@ -837,7 +845,7 @@ impl Namespace {
         if is_snapshot_ino(ino) {
             return self.view_getattr(View::of(ino));
         }
-        let open = self.open_files.lock().get(&ino).map(|e| e.0.clone());
+        let open = self.open_files.lock().get(&ino).map(|e| e.file.clone());
         let rec = match open {
             Some(f) => f.attr_with_pending(|| self.inode(ino))?,
             None => self.inode(ino)?,
@@ -859,7 +867,7 @@ impl Namespace {
             .open_files
             .lock()
             .values()
-            .map(|e| e.0.clone())
+            .map(|e| e.file.clone())
             .collect();
         let mut result = Ok(());
         for f in open {

@@ -474,7 +474,7 @@ impl Namespace {
             .open_files
             .lock()
             .values()
-            .map(|e| e.0.clone())
+            .map(|e| e.file.clone())
             .collect();
         for f in open {
             if self
