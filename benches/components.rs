@@ -12,16 +12,17 @@ use std::time::Duration;
 
 use criterion::measurement::WallTime;
 use criterion::{
-    black_box, criterion_group, criterion_main, BatchSize, BenchmarkGroup, Criterion, SamplingMode,
-    Throughput,
+    black_box, criterion_group, criterion_main, BatchSize, BenchmarkGroup, Criterion, Throughput,
 };
 use dedupfs::chunk_store::ChunkStore;
-use dedupfs::chunking::{self, ChunkerParams, Compression};
+use dedupfs::chunking::{self, ChunkerParams};
 use dedupfs::format;
 use dedupfs::ids::ChunkId;
 use dedupfs::kv::{Batch, Cf, Kv, Sync};
 use dedupfs::namespace::DEFAULT_CACHE_BYTES;
 use dedupfs::store::Store;
+
+use common::COMPRESSION;
 
 /// Size of the chunker's input: ~1000 chunks of the default 64 KiB average.
 const CHUNKER_BYTES: usize = 64 << 20;
@@ -36,16 +37,8 @@ const BATCH_BYTES: usize = 16 << 20;
 /// Chunks written to the store in one batch: a 4 MiB commit.
 const PUT_CHUNKS: usize = 64;
 
-/// What `dedupfs init` stores with unless told otherwise (`--compression zstd:1`).
-const COMPRESSION: Compression = Compression::Zstd(1);
-
 fn configure(group: &mut BenchmarkGroup<'_, WallTime>, throughput: Throughput) {
-    group
-        .throughput(throughput)
-        .sample_size(10)
-        .sampling_mode(SamplingMode::Flat)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3));
+    common::configure(group, throughput, Duration::from_secs(3));
 }
 
 /// `data` in pieces of [`CHUNK`] bytes (the last one may be shorter).

@@ -12,13 +12,14 @@ use std::time::Duration;
 
 use criterion::measurement::WallTime;
 use criterion::{
-    black_box, criterion_group, criterion_main, BatchSize, BenchmarkGroup, Criterion, SamplingMode,
-    Throughput,
+    black_box, criterion_group, criterion_main, BatchSize, BenchmarkGroup, Criterion, Throughput,
 };
-use dedupfs::chunking::{ChunkerParams, Compression};
+use dedupfs::chunking::ChunkerParams;
 use dedupfs::ids::InodeNo;
 use dedupfs::namespace::{Caller, Namespace, DEFAULT_CACHE_BYTES};
 use dedupfs::store::Store;
+
+use common::COMPRESSION;
 
 /// The large file: ~1000 chunks of the default 64 KiB average, of mixed real data.
 const LARGE_BYTES: usize = 64 << 20;
@@ -32,16 +33,8 @@ const SMALL_BYTES: usize = 4 << 10;
 /// Small files created or read per iteration.
 const SMALL_FILES: usize = 256;
 
-/// What `dedupfs init` stores with unless told otherwise (`--compression zstd:1`).
-const COMPRESSION: Compression = Compression::Zstd(1);
-
 fn configure(group: &mut BenchmarkGroup<'_, WallTime>, throughput: Throughput) {
-    group
-        .throughput(throughput)
-        .sample_size(10)
-        .sampling_mode(SamplingMode::Flat)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(5));
+    common::configure(group, throughput, Duration::from_secs(5));
 }
 
 /// A new store in a temp dir, its namespace, and a container to work in. Fields drop in

@@ -7,8 +7,30 @@
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, SamplingMode, Throughput};
+use dedupfs::chunking::Compression;
 use rand::{Rng, SeedableRng};
+
+/// What `dedupfs init` stores with unless told otherwise (`--compression zstd:1`).
+pub const COMPRESSION: Compression = Compression::Zstd(1);
+
+/// Few samples, flat sampling and short runs: every bench binary finishes in a minute or
+/// two on a 2-core machine.
+pub fn configure(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    throughput: Throughput,
+    measurement: Duration,
+) {
+    group
+        .throughput(throughput)
+        .sample_size(10)
+        .sampling_mode(SamplingMode::Flat)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(measurement);
+}
 
 /// At most this much is taken from one file, so one big library does not make up the set.
 pub const PER_FILE_MAX: usize = 2 << 20;

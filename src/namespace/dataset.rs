@@ -234,12 +234,7 @@ impl Namespace {
             return Err(FsError::NotEmpty);
         }
         let open: Vec<std::sync::Arc<super::OpenFile>> = {
-            let files: Vec<_> = self
-                .open_files
-                .lock()
-                .values()
-                .map(|e| e.file.clone())
-                .collect();
+            let files: Vec<_> = self.open_file_list();
             let mut mine = Vec::new();
             for f in files {
                 if self

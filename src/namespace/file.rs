@@ -460,6 +460,21 @@ impl Namespace {
         }
     }
 
+    /// The open state of `ino`, if it is open.
+    pub(crate) fn open_file(&self, ino: InodeNo) -> Option<Arc<OpenFile>> {
+        self.open_files.lock().get(&ino).map(|e| e.file.clone())
+    }
+
+    /// Every open file, taken out of the table so that its lock is not held while they are
+    /// worked on.
+    pub(crate) fn open_file_list(&self) -> Vec<Arc<OpenFile>> {
+        self.open_files
+            .lock()
+            .values()
+            .map(|e| e.file.clone())
+            .collect()
+    }
+
     fn open_live(&self, ino: InodeNo) -> FsResult<Arc<OpenFile>> {
         if let Some(entry) = self.open_files.lock().get_mut(&ino) {
             entry.handles += 1;
@@ -665,7 +680,7 @@ impl Namespace {
     /// files does not wait for each one's chunking, compression and batch; what it reads
     /// back meanwhile comes from the open file's pending state.
     pub fn flush_on_close(&self, ino: InodeNo) -> FsResult<()> {
-        let Some(file) = self.open_files.lock().get(&ino).map(|e| e.file.clone()) else {
+        let Some(file) = self.open_file(ino) else {
             return Ok(());
         };
         let mut st = file.state.lock();
@@ -679,12 +694,7 @@ impl Namespace {
     /// Commits the files closed since their last writes whose release has not come yet, so
     /// that what reports space (statfs, stats) counts everything a writer has closed.
     pub fn commit_closed_files(&self) -> FsResult<()> {
-        let files: Vec<Arc<OpenFile>> = self
-            .open_files
-            .lock()
-            .values()
-            .map(|e| e.file.clone())
-            .collect();
+        let files: Vec<Arc<OpenFile>> = self.open_file_list();
         for file in files {
             let st = file.state.lock();
             if st.closed && st.has_pending() {
@@ -731,12 +741,7 @@ impl Namespace {
 
     /// Commits files whose writes have waited longer than `age` (the idle timer).
     pub fn commit_idle(&self, age: Duration) -> FsResult<()> {
-        let files: Vec<Arc<OpenFile>> = self
-            .open_files
-            .lock()
-            .values()
-            .map(|e| e.file.clone())
-            .collect();
+        let files: Vec<Arc<OpenFile>> = self.open_file_list();
         for file in files {
             let st = file.state.lock();
             if st.dirty_since.is_some_and(|t| t.elapsed() >= age) && !st.in_flight {
@@ -995,7 +1000,7 @@ impl Namespace {
         ino: InodeNo,
         f: impl FnOnce() -> FsResult<T>,
     ) -> FsResult<T> {
-        let open = self.open_files.lock().get(&ino).map(|e| e.file.clone());
+        let open = self.open_file(ino);
         let Some(file) = open else {
             return f();
         };

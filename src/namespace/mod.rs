@@ -845,7 +845,7 @@ impl Namespace {
         if is_snapshot_ino(ino) {
             return self.view_getattr(View::of(ino));
         }
-        let open = self.open_files.lock().get(&ino).map(|e| e.file.clone());
+        let open = self.open_file(ino);
         let rec = match open {
             Some(f) => f.attr_with_pending(|| self.inode(ino))?,
             None => self.inode(ino)?,
@@ -863,12 +863,7 @@ impl Namespace {
 
     /// Commits every pending write and flushes the database (clean shutdown).
     pub fn shutdown(&self) -> FsResult<()> {
-        let open: Vec<Arc<OpenFile>> = self
-            .open_files
-            .lock()
-            .values()
-            .map(|e| e.file.clone())
-            .collect();
+        let open: Vec<Arc<OpenFile>> = self.open_file_list();
         let mut result = Ok(());
         for f in open {
             if let Err(e) = self.commit_open_file(&f, Sync::Process) {

@@ -470,12 +470,7 @@ impl Namespace {
 
     /// Commits the pending writes of every open file of a container.
     pub(crate) fn commit_container_files(&self, container: ContainerId) -> FsResult<()> {
-        let open: Vec<Arc<super::OpenFile>> = self
-            .open_files
-            .lock()
-            .values()
-            .map(|e| e.file.clone())
-            .collect();
+        let open: Vec<Arc<super::OpenFile>> = self.open_file_list();
         for f in open {
             if self
                 .read_inode(f.ino)?
