@@ -265,6 +265,7 @@ fn start(cfg: &MountConfig, ready: &mut Ready) -> Result<()> {
                     if let Err(e) = ns.commit_idle(IDLE_COMMIT_AGE) {
                         tracing::error!("idle commit failed: {e}");
                     }
+                    ns.maintain_space();
                     for (container, name) in ns.run_schedules(crate::store::now_ns()) {
                         tracing::info!("scheduled snapshot {container}@{name} taken");
                     }

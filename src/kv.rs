@@ -201,10 +201,15 @@ impl Kv {
                 // tree so compactions move only keys.
                 cf_opts.set_enable_blob_files(true);
                 cf_opts.set_min_blob_size(1024);
-                cf_opts.set_enable_blob_gc(true);
-                // Compactions relocate the live chunks of the older half of blob files, so
-                // the space of reclaimed chunks comes back without rewriting everything.
+                // Garbage collection starts off: the namespace turns it on while enough
+                // of the blob bytes are garbage (see `Namespace::adjust_blob_gc`), because
+                // it relocates the live chunks of old blob files at every compaction,
+                // garbage or not. When on, compactions relocate the live chunks of the
+                // older half of blob files, and a blob file more than a quarter garbage
+                // gets a compaction of its own even if nothing else is written.
+                cf_opts.set_enable_blob_gc(false);
                 cf_opts.set_blob_gc_age_cutoff(0.5);
+                cf_opts.set_blob_gc_force_threshold(0.25);
             }
             rocksdb::ColumnFamilyDescriptor::new(cf.name(), cf_opts)
         });
@@ -329,9 +334,9 @@ impl Kv {
         Ok(())
     }
 
-    /// Turns the relocation of live chunks out of old blob files on or off. Relocation
-    /// writes before it frees, so on a nearly full disk it could itself run RocksDB out of
-    /// space; blob files whose chunks are all deleted are dropped either way.
+    /// Turns the relocation of live chunks out of old blob files on or off (it starts off).
+    /// Relocation writes before it frees, so on a nearly full disk it could itself run
+    /// RocksDB out of space; blob files whose chunks are all deleted are dropped either way.
     pub fn set_blob_gc(&self, enabled: bool) -> Result<()> {
         let value = if enabled { "true" } else { "false" };
         self.db
@@ -340,6 +345,22 @@ impl Kv {
                 &[("enable_blob_garbage_collection", value)],
             )
             .map_err(KvError::from_engine)
+    }
+
+    /// Bytes of the chunk family's blob files, and how many of them hold deleted chunks
+    /// (counted once a compaction has dropped their keys).
+    pub fn blob_space(&self) -> BlobSpace {
+        let int = |name: &str| {
+            self.db
+                .property_int_value_cf(self.cf(Cf::Chunk), name)
+                .ok()
+                .flatten()
+                .unwrap_or(0)
+        };
+        BlobSpace {
+            bytes: int("rocksdb.live-blob-file-size"),
+            garbage: int("rocksdb.live-blob-file-garbage-size"),
+        }
     }
 
     /// Key-value pairs whose key starts with `prefix`, from `start` (which must itself start
@@ -384,6 +405,14 @@ impl Kv {
     }
 }
 
+/// Space of the blob files that hold chunk payloads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlobSpace {
+    pub bytes: u64,
+    /// Bytes of deleted chunks still in those files.
+    pub garbage: u64,
+}
+
 /// The smallest key greater than every key starting with `prefix`, if there is one.
 fn prefix_upper_bound(prefix: &[u8]) -> Option<Vec<u8>> {
     let mut upper = prefix.to_vec();
@@ -422,5 +451,47 @@ mod tests {
             .map(|r| r.unwrap().0.to_vec())
             .collect();
         assert_eq!(keys, vec![b"a1".to_vec(), b"a2".to_vec()]);
+    }
+    #[test]
+    fn blob_garbage_is_counted_and_collected_when_turned_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = Kv::open(dir.path(), true).unwrap();
+        // Two blob files' worth of payloads, then every other one deleted: both files are
+        // half garbage, so neither can be dropped whole.
+        let value = |i: u32| vec![i as u8; 64 << 10];
+        for round in 0..2u32 {
+            let mut batch = Batch::new();
+            for i in round * 64..(round + 1) * 64 {
+                batch.put(&kv, Cf::Chunk, &i.to_be_bytes(), &value(i));
+            }
+            kv.write(batch, Sync::Process).unwrap();
+            kv.flush().unwrap();
+        }
+        let mut batch = Batch::new();
+        for i in (0..128u32).step_by(2) {
+            batch.delete(&kv, Cf::Chunk, &i.to_be_bytes());
+        }
+        kv.write(batch, Sync::Process).unwrap();
+        let full = kv.blob_space();
+        assert!(full.bytes >= 128 * (64 << 10), "{full:?}");
+
+        // Collection off: a compaction counts the garbage but keeps the files.
+        kv.reclaim_space().unwrap();
+        let counted = kv.blob_space();
+        assert_eq!(counted.bytes, full.bytes, "{counted:?}");
+        assert!(counted.garbage * 2 >= full.bytes * 9 / 10, "{counted:?}");
+
+        // Collection on: each compaction relocates the live chunks of the older half of
+        // the blob files, whose old files then go.
+        kv.set_blob_gc(true).unwrap();
+        kv.reclaim_space().unwrap();
+        kv.reclaim_space().unwrap();
+        let collected = kv.blob_space();
+        assert!(collected.bytes * 2 <= full.bytes * 11 / 10, "{collected:?}");
+        assert!(collected.garbage < counted.garbage / 10, "{collected:?}");
+        for i in 0..128u32 {
+            let got = kv.get(Cf::Chunk, &i.to_be_bytes()).unwrap();
+            assert_eq!(got, (i % 2 == 1).then(|| value(i)), "key {i}");
+        }
     }
 }
