@@ -167,6 +167,15 @@ impl Kv {
         opts.create_missing_column_families(create);
         opts.set_max_background_jobs(2);
         opts.set_bytes_per_sync(1 << 20);
+        // Flushes and compactions write blob files with O_DIRECT: chunk payloads already
+        // went through the page cache once on their way into the WAL, and copying them into
+        // it a second time cost the flush thread more than the disk write (measured: a
+        // sequential write of new data 1.3x faster). Reads stay buffered.
+        if create {
+            // (RocksDB would create it, but the probe below needs it first.)
+            std::fs::create_dir_all(dir).map_err(|e| KvError::Engine(e.to_string()))?;
+        }
+        opts.set_use_direct_io_for_flush_and_compaction(direct_io_works(dir));
         // Chunks are laid out in blob files in the order they were written, and restores
         // and backups read them back in about that order: let the kernel read ahead
         // (RocksDB's default advises random access, which turns readahead off).
@@ -210,6 +219,8 @@ impl Kv {
                 cf_opts.set_enable_blob_gc(false);
                 cf_opts.set_blob_gc_age_cutoff(0.5);
                 cf_opts.set_blob_gc_force_threshold(0.25);
+                // Relocation reads blob files in order (with O_DIRECT when flushes use it).
+                cf_opts.set_blob_compaction_readahead_size(2 << 20);
             }
             rocksdb::ColumnFamilyDescriptor::new(cf.name(), cf_opts)
         });
@@ -405,6 +416,32 @@ impl Kv {
     }
 }
 
+/// Whether files in `dir` can be written with O_DIRECT (tmpfs before Linux 6.6 and some
+/// FUSE filesystems refuse it), found by writing one aligned block to a scratch file.
+fn direct_io_works(dir: &Path) -> bool {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    const BLOCK: usize = 4096;
+    let probe = dir.join("direct-io-probe");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&probe);
+    let works = file.is_ok_and(|mut file| {
+        // An aligned buffer: a Vec of u64 blocks is aligned to 8 only, so take a
+        // BLOCK-aligned window of a bigger one.
+        let raw = vec![0u8; 2 * BLOCK];
+        let skip = raw.as_ptr().align_offset(BLOCK);
+        skip.checked_add(BLOCK)
+            .and_then(|end| raw.get(skip..end))
+            .is_some_and(|block| file.write_all(block).is_ok())
+    });
+    let _ = std::fs::remove_file(&probe);
+    works
+}
+
 /// Space of the blob files that hold chunk payloads.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BlobSpace {
@@ -452,6 +489,14 @@ mod tests {
             .collect();
         assert_eq!(keys, vec![b"a1".to_vec(), b"a2".to_vec()]);
     }
+    #[test]
+    fn direct_io_probe_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        direct_io_works(dir.path());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        assert!(!direct_io_works(&dir.path().join("missing")));
+    }
+
     #[test]
     fn blob_garbage_is_counted_and_collected_when_turned_on() {
         let dir = tempfile::tempdir().unwrap();
