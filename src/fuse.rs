@@ -13,9 +13,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
-    Request, TimeOrNow, WriteFlags,
+    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use parking_lot::Mutex;
 
@@ -51,6 +51,12 @@ const MAX_WRITE: u32 = 1 << 20;
 /// Keep the kernel's page cache of a file across opens: every change to file data goes
 /// through this mount, so cached pages stay true, and warm re-reads never reach the daemon.
 const OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE;
+
+/// A read-only open also asks the kernel not to send FLUSH at close: there is nothing for
+/// it to report (a flush reports failed background commits of writes), and the round trip
+/// is one of the four a reader of many small files pays per file (open, read, flush,
+/// release; the release does not make the closer wait). Kernels before 5.16 ignore it.
+const READ_ONLY_OPEN_FLAGS: FopenFlags = OPEN_FLAGS.union(FopenFlags::FOPEN_NOFLUSH);
 
 /// Mount options, parsed from `-o` strings.
 pub struct MountOptions {
@@ -372,6 +378,9 @@ impl Filesystem for DedupFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(MAX_WRITE);
         let _ = config.set_max_readahead(MAX_WRITE);
+        // Kernels without it keep sending READDIR and LOOKUP.
+        let _ = config
+            .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
         Ok(())
     }
 
@@ -589,8 +598,13 @@ impl Filesystem for DedupFs {
             reply.error(errno(FsError::ReadOnly));
             return;
         }
+        let open_flags = if writing {
+            OPEN_FLAGS
+        } else {
+            READ_ONLY_OPEN_FLAGS
+        };
         match self.ns.open(self.ino(i)) {
-            Ok(_) => reply.opened(FileHandle(self.new_fh()), OPEN_FLAGS),
+            Ok(_) => reply.opened(FileHandle(self.new_fh()), open_flags),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -719,6 +733,86 @@ impl Filesystem for DedupFs {
                 n as u64 + 3,
                 file_type(e.kind),
                 OsStr::from_bytes(&e.name),
+            ) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    /// READDIR and LOOKUP in one: each entry comes with its attributes, so the kernel has
+    /// the dentries and attributes when a reader opens or stats the files it listed (find
+    /// and cat, rsync, ls -l) and sends no LOOKUP for each. The kernel asks for it when it
+    /// pays (FUSE_READDIRPLUS_AUTO: the first batch of a directory, and later ones after
+    /// lookups in it); plain listings stay plain.
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        i: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let Some(entries) = self.dirs.lock().get(&fh.0).cloned() else {
+            reply.error(Errno::EBADF);
+            return;
+        };
+        let dir = match self.ns.getattr(self.ino(i)) {
+            Ok(a) => a,
+            Err(e) => {
+                reply.error(errno(e));
+                return;
+            }
+        };
+        let mut next = offset;
+        // "." and ".." carry attributes too, though the kernel makes no dentries of them.
+        if next == 0 {
+            if reply.add(
+                i,
+                1,
+                ".",
+                ttl(&dir),
+                &file_attr(i, &dir),
+                Generation(dir.rec.generation),
+            ) {
+                reply.ok();
+                return;
+            }
+            next = 1;
+        }
+        if next == 1 {
+            let parent = (dir.rec.parent.0 != 0 && i.0 != 1)
+                .then(|| self.ns.getattr(dir.rec.parent).ok())
+                .flatten()
+                .unwrap_or_else(|| dir.clone());
+            let parent_ino = self.fuse_ino(parent.ino);
+            if reply.add(
+                parent_ino,
+                2,
+                "..",
+                ttl(&parent),
+                &file_attr(parent_ino, &parent),
+                Generation(parent.rec.generation),
+            ) {
+                reply.ok();
+                return;
+            }
+            next = 2;
+        }
+        let start = (next - 2) as usize;
+        for (n, e) in entries.iter().enumerate().skip(start) {
+            // An entry removed since the directory was opened is left out.
+            let Ok(a) = self.ns.getattr(e.ino) else {
+                continue;
+            };
+            let ino = self.fuse_ino(a.ino);
+            if reply.add(
+                ino,
+                n as u64 + 3,
+                OsStr::from_bytes(&e.name),
+                ttl(&a),
+                &file_attr(ino, &a),
+                Generation(a.rec.generation),
             ) {
                 break;
             }

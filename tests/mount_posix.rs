@@ -1653,6 +1653,79 @@ fn readdir_100k_entries() {
     m.finish();
 }
 
+/// Listings come with attributes (READDIRPLUS): what a stat of each listed entry finds
+/// must be what is there, in the live tree and in a snapshot view, past the first batch of
+/// a directory, and after the entries change.
+#[test]
+fn listed_entries_stat_true() {
+    let mut m = Mounted::new();
+    let dir = m.c().join("d");
+    fs::create_dir(&dir).unwrap();
+    const FILES: usize = 300;
+    for i in 0..FILES {
+        let p = dir.join(format!("f{i:03}"));
+        fs::write(&p, vec![b'x'; i * 7]).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o600 + (i as u32 % 64))).unwrap();
+    }
+    fs::create_dir(dir.join("sub")).unwrap();
+    std::os::unix::fs::symlink("f001", dir.join("link")).unwrap();
+    fs::hard_link(dir.join("f002"), dir.join("f002-again")).unwrap();
+
+    let check = |dir: &Path, context: &str| {
+        let mut seen = 0;
+        for e in fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            let name = e.file_name().to_string_lossy().into_owned();
+            let meta = fs::symlink_metadata(e.path()).unwrap();
+            match name.as_str() {
+                "sub" => assert!(meta.is_dir(), "{context}: sub"),
+                "link" => {
+                    assert!(meta.file_type().is_symlink(), "{context}: link");
+                    assert_eq!(fs::read_link(e.path()).unwrap(), Path::new("f001"));
+                }
+                "f002" | "f002-again" => {
+                    assert_eq!(meta.len(), 14, "{context}: {name}");
+                    assert_eq!(meta.nlink(), 2, "{context}: {name}");
+                }
+                _ => {
+                    let i: usize = name[1..].parse().unwrap();
+                    assert_eq!(meta.len(), (i * 7) as u64, "{context}: {name} size");
+                    assert_eq!(meta.mode() & 0o7777, 0o600 + (i as u32 % 64), "{context}: {name}");
+                    assert_eq!(meta.nlink(), 1, "{context}: {name}");
+                }
+            }
+            seen += 1;
+        }
+        assert_eq!(seen, FILES + 3, "{context}: entries");
+    };
+    check(&dir, "live");
+    ok(dedupfs([
+        "snapshot".as_ref(),
+        "create".as_ref(),
+        "c".as_ref(),
+        "s".as_ref(),
+        "--store".as_ref(),
+        m.store.as_os_str(),
+    ]));
+    let snap = m.c().join(".snapshots/s/d");
+    check(&snap, "snapshot");
+
+    // Changed after they were listed: a new listing and a stat see the change.
+    for i in 0..FILES {
+        fs::write(dir.join(format!("f{i:03}")), vec![b'y'; 3]).unwrap();
+    }
+    for e in fs::read_dir(&dir).unwrap() {
+        let e = e.unwrap();
+        if e.file_name().to_string_lossy().starts_with('f') {
+            assert_eq!(fs::symlink_metadata(e.path()).unwrap().len(), 3);
+        }
+    }
+    check(&snap, "snapshot after the live tree changed");
+    m.remount();
+    check(&snap, "snapshot after a remount");
+    m.finish();
+}
+
 // 15. the mount root
 
 #[test]
