@@ -1690,7 +1690,11 @@ fn listed_entries_stat_true() {
                 _ => {
                     let i: usize = name[1..].parse().unwrap();
                     assert_eq!(meta.len(), (i * 7) as u64, "{context}: {name} size");
-                    assert_eq!(meta.mode() & 0o7777, 0o600 + (i as u32 % 64), "{context}: {name}");
+                    assert_eq!(
+                        meta.mode() & 0o7777,
+                        0o600 + (i as u32 % 64),
+                        "{context}: {name}"
+                    );
                     assert_eq!(meta.nlink(), 1, "{context}: {name}");
                 }
             }

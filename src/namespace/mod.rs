@@ -263,6 +263,8 @@ struct SpaceGuard {
     reclaimable_bytes: AtomicU64,
     /// Whether blob garbage collection is on (see [`blob_gc_wanted`]).
     blob_gc: std::sync::atomic::AtomicBool,
+    /// When data was last written, in ns: housekeeping compactions wait for a pause.
+    last_write_ns: AtomicU64,
 }
 
 /// Whether blob garbage collection should run. It relocates the live chunks of old blob
@@ -296,6 +298,14 @@ enum Reclaim {
     Garbage,
 }
 
+/// How long writes must pause before housekeeping compacts (see
+/// [`Namespace::maintain_space`]), in nanoseconds.
+const WRITE_PAUSE_NS: u64 = 5_000_000_000;
+
+/// Least time between two housekeeping reclaims, in nanoseconds: each compacts the whole
+/// chunk index.
+const GARBAGE_RECLAIM_INTERVAL_NS: u64 = 30_000_000_000;
+
 /// Compactions one space reclaim runs at most.
 const RECLAIM_ROUNDS: usize = 4;
 
@@ -320,6 +330,7 @@ impl SpaceGuard {
             reclaimable_bytes: AtomicU64::new(0),
             // The store opens with collection off (see `Kv::open_with`).
             blob_gc: std::sync::atomic::AtomicBool::new(false),
+            last_write_ns: AtomicU64::new(0),
         }
     }
 
@@ -359,6 +370,8 @@ impl SpaceGuard {
 
     /// ENOSPC unless `adding` more bytes leave the reserve free.
     fn check(&self, path: &std::path::Path, adding: u64) -> FsResult<()> {
+        self.last_write_ns
+            .store(now_ns().max(0) as u64, Ordering::Relaxed);
         self.sample(path);
         let free = self.free_bytes.load(Ordering::Relaxed);
         if free.saturating_sub(adding) < self.reserve() {
@@ -532,12 +545,22 @@ impl Namespace {
     /// RocksDB counts a deleted chunk as garbage only once a compaction has dropped its
     /// key, which writes alone may not start for a long time after a big delete; and
     /// collection, once on, happens in compactions too.
+    ///
+    /// While data is being written, compactions happen anyway (and collect, when collection
+    /// is on): a compaction of the whole chunk index on top of them would only slow the
+    /// writes down (a 4 KiB random overwrite, which turns a chunk into garbage at every
+    /// write, ran at 0.6x). So the compaction waits for a pause in the writes.
     pub fn maintain_space(&self) {
+        let now = now_ns().max(0) as u64;
+        let writing =
+            now.saturating_sub(self.space.last_write_ns.load(Ordering::Relaxed)) < WRITE_PAUSE_NS;
+        let turned_on = self.update_blob_gc();
         let blobs = self.kv.blob_space();
         let deleted = self.space.reclaimable_bytes.load(Ordering::Relaxed);
         let deleted_a_lot = deleted > 0 && deleted.saturating_mul(4) >= blobs.bytes;
-        // (The reclaim updates the collection setting itself when it has compacted.)
-        if deleted_a_lot || self.update_blob_gc() {
+        let collecting = self.space.blob_gc.load(Ordering::Relaxed)
+            && blobs.garbage.saturating_mul(4) >= blobs.bytes;
+        if !writing && (deleted_a_lot || turned_on || collecting) {
             self.reclaim_space_later(Reclaim::Garbage);
         }
     }
@@ -579,13 +602,16 @@ impl Namespace {
         let now = now_ns().max(0) as u64;
         let space = &self.space;
         // Low space asks again at every refused write: at most one reclaim per interval,
-        // and only with something to give back. The garbage reasons ask once each.
-        if (why == Reclaim::LowSpace
-            && (space.reclaimable_bytes.load(Ordering::Relaxed) == 0
-                || now.saturating_sub(space.reclaim_ns.load(Ordering::Relaxed))
-                    < RECLAIM_INTERVAL_NS))
-            || space.reclaiming.swap(true, Ordering::AcqRel)
-        {
+        // and only with something to give back. Housekeeping asks every half second
+        // while there is garbage: at most one reclaim per longer interval.
+        let since = now.saturating_sub(space.reclaim_ns.load(Ordering::Relaxed));
+        let too_soon = match why {
+            Reclaim::LowSpace => {
+                space.reclaimable_bytes.load(Ordering::Relaxed) == 0 || since < RECLAIM_INTERVAL_NS
+            }
+            Reclaim::Garbage => since < GARBAGE_RECLAIM_INTERVAL_NS,
+        };
+        if too_soon || space.reclaiming.swap(true, Ordering::AcqRel) {
             return;
         }
         space.reclaimable_bytes.store(0, Ordering::Relaxed);
