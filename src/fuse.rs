@@ -757,12 +757,10 @@ impl Filesystem for DedupFs {
             reply.error(Errno::EBADF);
             return;
         };
-        let dir = match self.ns.getattr(self.ino(i)) {
-            Ok(a) => a,
-            Err(e) => {
-                reply.error(errno(e));
-                return;
-            }
+        // A directory removed while open lists as empty, as with plain READDIR.
+        let Ok(dir) = self.ns.getattr(self.ino(i)) else {
+            reply.ok();
+            return;
         };
         let mut next = offset;
         // "." and ".." carry attributes too, though the kernel makes no dentries of them.
@@ -801,8 +799,10 @@ impl Filesystem for DedupFs {
         }
         let start = (next - 2) as usize;
         for (n, e) in entries.iter().enumerate().skip(start) {
-            // An entry removed since the directory was opened is left out.
-            let Ok(a) = self.ns.getattr(e.ino) else {
+            // The names were listed at opendir; the kernel makes dentries of what this
+            // returns, so each name is looked up again: a name removed since is left out,
+            // and a name renamed over since gets what it names now.
+            let Ok(a) = self.ns.lookup(self.ino(i), &e.name) else {
                 continue;
             };
             let ino = self.fuse_ino(a.ino);

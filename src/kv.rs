@@ -345,6 +345,12 @@ impl Kv {
         Ok(())
     }
 
+    /// Stops background flushes and compactions, a running manual compaction included, and
+    /// waits for them: for a clean shutdown only, the database writes nothing after it.
+    pub fn cancel_background_work(&self) {
+        self.db.cancel_all_background_work(true);
+    }
+
     /// Turns the relocation of live chunks out of old blob files on or off (it starts off).
     /// Relocation writes before it frees, so on a nearly full disk it could itself run
     /// RocksDB out of space; blob files whose chunks are all deleted are dropped either way.

@@ -265,26 +265,37 @@ struct SpaceGuard {
     blob_gc: std::sync::atomic::AtomicBool,
     /// When data was last written, in ns: housekeeping compactions wait for a pause.
     last_write_ns: AtomicU64,
+    /// Blob space when the last housekeeping reclaim ended: another one is only worth it
+    /// once that changed.
+    after_reclaim: Mutex<BlobSpace>,
+    /// Held while deciding and setting the collection setting, so that the timer and a
+    /// reclaim thread cannot leave the flag and RocksDB disagreeing.
+    gc_setting: Mutex<()>,
+    /// Set by shutdown: no reclaim starts, a running one stops after its compaction.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 /// Whether blob garbage collection should run. It relocates the live chunks of old blob
 /// files at every compaction of the chunk index, garbage or not: always on, it spent 40 %
 /// of the daemon's CPU rewriting chunks just written during a sequential write of new data,
 /// which ran 1.6x slower for it. So it runs while there is garbage worth the copying: on
-/// once a quarter of the blob bytes are deleted chunks, off again below an eighth. And not
-/// while free space is low, because relocation writes before it frees: off below four
-/// reserves, allowed again above eight.
+/// once a quarter of the blob bytes are deleted chunks, off again below an eighth. And only
+/// with room for what it writes before it frees (a compaction relocates up to the live
+/// bytes of the older half of the blob files): on above eight reserves plus half the live
+/// bytes, off again below four reserves plus a quarter.
 fn blob_gc_wanted(on: bool, free: u64, reserve: u64, blobs: BlobSpace) -> bool {
+    let live = blobs.bytes.saturating_sub(blobs.garbage);
     let room = if on {
-        free >= reserve.saturating_mul(4)
+        free >= reserve.saturating_mul(4).saturating_add(live / 4)
     } else {
-        free > reserve.saturating_mul(8)
+        free > reserve.saturating_mul(8).saturating_add(live / 2)
     };
-    let garbage = if on {
-        blobs.garbage.saturating_mul(8) >= blobs.bytes
-    } else {
-        blobs.garbage > 0 && blobs.garbage.saturating_mul(4) >= blobs.bytes
-    };
+    let garbage = blobs.garbage > 0
+        && if on {
+            blobs.garbage.saturating_mul(8) >= blobs.bytes
+        } else {
+            blobs.garbage.saturating_mul(4) >= blobs.bytes
+        };
     room && garbage
 }
 
@@ -331,6 +342,9 @@ impl SpaceGuard {
             // The store opens with collection off (see `Kv::open_with`).
             blob_gc: std::sync::atomic::AtomicBool::new(false),
             last_write_ns: AtomicU64::new(0),
+            after_reclaim: Mutex::new(BlobSpace::default()),
+            gc_setting: Mutex::new(()),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -551,6 +565,9 @@ impl Namespace {
     /// writes down (a 4 KiB random overwrite, which turns a chunk into garbage at every
     /// write, ran at 0.6x). So the compaction waits for a pause in the writes.
     pub fn maintain_space(&self) {
+        if self.space.stopping.load(Ordering::Acquire) {
+            return;
+        }
         let now = now_ns().max(0) as u64;
         let writing =
             now.saturating_sub(self.space.last_write_ns.load(Ordering::Relaxed)) < WRITE_PAUSE_NS;
@@ -558,8 +575,13 @@ impl Namespace {
         let blobs = self.kv.blob_space();
         let deleted = self.space.reclaimable_bytes.load(Ordering::Relaxed);
         let deleted_a_lot = deleted > 0 && deleted.saturating_mul(4) >= blobs.bytes;
+        // Collection is on and a quarter is garbage, and a reclaim could change that: not
+        // when the last one ended with the blob files as they are (RocksDB relocates only
+        // the older half of the files, so one file's garbage, say, stays).
         let collecting = self.space.blob_gc.load(Ordering::Relaxed)
-            && blobs.garbage.saturating_mul(4) >= blobs.bytes;
+            && blobs.garbage > 0
+            && blobs.garbage.saturating_mul(4) >= blobs.bytes
+            && blobs != *self.space.after_reclaim.lock();
         if !writing && (deleted_a_lot || turned_on || collecting) {
             self.reclaim_space_later(Reclaim::Garbage);
         }
@@ -567,6 +589,7 @@ impl Namespace {
 
     /// Sets blob garbage collection as [`blob_gc_wanted`] says; true when it turned it on.
     fn update_blob_gc(&self) -> bool {
+        let _setting = self.space.gc_setting.lock();
         self.space.sample(&self.store.path);
         let blobs = self.kv.blob_space();
         match self.space.blob_gc_change(blobs) {
@@ -611,7 +634,10 @@ impl Namespace {
             }
             Reclaim::Garbage => since < GARBAGE_RECLAIM_INTERVAL_NS,
         };
-        if too_soon || space.reclaiming.swap(true, Ordering::AcqRel) {
+        if too_soon
+            || space.stopping.load(Ordering::Acquire)
+            || space.reclaiming.swap(true, Ordering::AcqRel)
+        {
             return;
         }
         space.reclaimable_bytes.store(0, Ordering::Relaxed);
@@ -634,6 +660,7 @@ impl Namespace {
                     ),
                 }
                 for _ in 0..RECLAIM_ROUNDS {
+                    let before = ns.kv.blob_space();
                     if let Err(e) = ns.kv.reclaim_space() {
                         tracing::error!("reclaiming space: {e}");
                         break;
@@ -646,12 +673,23 @@ impl Namespace {
                     // of the blob bytes is still garbage.
                     ns.update_blob_gc();
                     let blobs = ns.kv.blob_space();
-                    if !ns.space.blob_gc.load(Ordering::Relaxed)
+                    *ns.space.after_reclaim.lock() = blobs;
+                    if ns.space.stopping.load(Ordering::Acquire)
+                        || !ns.space.blob_gc.load(Ordering::Relaxed)
+                        || blobs.garbage == 0
                         || blobs.garbage.saturating_mul(4) < blobs.bytes
+                        || blobs == before
                     {
                         break;
                     }
                 }
+                let blobs = ns.kv.blob_space();
+                tracing::info!(
+                    "{}: reclaim done: blob files hold {} MiB, {} MiB of it deleted chunks",
+                    ns.store.path.display(),
+                    blobs.bytes >> 20,
+                    blobs.garbage >> 20
+                );
                 ns.space.reclaiming.store(false, Ordering::Release);
             });
         if spawned.is_err() {
@@ -967,8 +1005,10 @@ impl Namespace {
         )
     }
 
-    /// Commits every pending write and flushes the database (clean shutdown).
+    /// Commits every pending write and flushes the database (clean shutdown). A space
+    /// reclaim still compacting is cancelled, and waited for, so that the database closes.
     pub fn shutdown(&self) -> FsResult<()> {
+        self.space.stopping.store(true, Ordering::Release);
         let open: Vec<Arc<OpenFile>> = self.open_file_list();
         let mut result = Ok(());
         for f in open {
@@ -985,6 +1025,12 @@ impl Namespace {
         }
         self.kv.sync_wal()?;
         self.kv.flush()?;
+        if self.space.reclaiming.load(Ordering::Acquire) {
+            self.kv.cancel_background_work();
+            while self.space.reclaiming.load(Ordering::Acquire) {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
         result
     }
 }
@@ -1022,13 +1068,17 @@ mod tests {
         assert!(!blob_gc_wanted(false, plenty, R, blobs(0, 0)));
         assert!(!blob_gc_wanted(false, plenty, R, blobs(1000, 249)));
         assert!(blob_gc_wanted(false, plenty, R, blobs(1000, 250)));
-        // On: stays on down to an eighth.
+        // On: stays on down to an eighth, and not once nothing is garbage.
         assert!(blob_gc_wanted(true, plenty, R, blobs(1000, 125)));
         assert!(!blob_gc_wanted(true, plenty, R, blobs(1000, 124)));
-        // Free space: off below four reserves, and on again only above eight.
-        assert!(!blob_gc_wanted(true, 4 * R - 1, R, blobs(1000, 900)));
-        assert!(blob_gc_wanted(true, 4 * R, R, blobs(1000, 900)));
-        assert!(!blob_gc_wanted(false, 8 * R, R, blobs(1000, 900)));
-        assert!(blob_gc_wanted(false, 8 * R + 1, R, blobs(1000, 900)));
+        assert!(!blob_gc_wanted(true, plenty, R, blobs(0, 0)));
+        // Free space: off below four reserves plus a quarter of the live bytes, on again
+        // only above eight reserves plus half of them.
+        let live = 400 * R;
+        let b = blobs(live + 300 * R, 300 * R);
+        assert!(!blob_gc_wanted(true, 4 * R + live / 4 - 1, R, b));
+        assert!(blob_gc_wanted(true, 4 * R + live / 4, R, b));
+        assert!(!blob_gc_wanted(false, 8 * R + live / 2, R, b));
+        assert!(blob_gc_wanted(false, 8 * R + live / 2 + 1, R, b));
     }
 }
