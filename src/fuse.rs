@@ -369,6 +369,25 @@ impl DedupFs {
         }
     }
 
+    /// Adds one READDIRPLUS entry with its attributes; true when the reply is full.
+    fn add_plus(
+        &self,
+        reply: &mut ReplyDirectoryPlus,
+        offset: u64,
+        name: &OsStr,
+        a: &Attr,
+    ) -> bool {
+        let ino = self.fuse_ino(a.ino);
+        reply.add(
+            ino,
+            offset,
+            name,
+            ttl(a),
+            &file_attr(ino, a),
+            Generation(a.rec.generation),
+        )
+    }
+
     fn new_fh(&self) -> u64 {
         self.next_fh.fetch_add(1, Ordering::Relaxed)
     }
@@ -762,40 +781,23 @@ impl Filesystem for DedupFs {
             reply.ok();
             return;
         };
+        // "." and ".." (offsets 1 and 2) carry attributes too, though the kernel makes no
+        // dentries of them.
         let mut next = offset;
-        // "." and ".." carry attributes too, though the kernel makes no dentries of them.
-        if next == 0 {
-            if reply.add(
-                i,
-                1,
-                ".",
-                ttl(&dir),
-                &file_attr(i, &dir),
-                Generation(dir.rec.generation),
-            ) {
+        while next < 2 {
+            let (name, a) = if next == 0 {
+                (".", dir.clone())
+            } else {
+                let parent = (dir.rec.parent.0 != 0 && i.0 != 1)
+                    .then(|| self.ns.getattr(dir.rec.parent).ok())
+                    .flatten();
+                ("..", parent.unwrap_or_else(|| dir.clone()))
+            };
+            if self.add_plus(&mut reply, next + 1, OsStr::new(name), &a) {
                 reply.ok();
                 return;
             }
-            next = 1;
-        }
-        if next == 1 {
-            let parent = (dir.rec.parent.0 != 0 && i.0 != 1)
-                .then(|| self.ns.getattr(dir.rec.parent).ok())
-                .flatten()
-                .unwrap_or_else(|| dir.clone());
-            let parent_ino = self.fuse_ino(parent.ino);
-            if reply.add(
-                parent_ino,
-                2,
-                "..",
-                ttl(&parent),
-                &file_attr(parent_ino, &parent),
-                Generation(parent.rec.generation),
-            ) {
-                reply.ok();
-                return;
-            }
-            next = 2;
+            next += 1;
         }
         let start = (next - 2) as usize;
         for (n, e) in entries.iter().enumerate().skip(start) {
@@ -805,15 +807,7 @@ impl Filesystem for DedupFs {
             let Ok(a) = self.ns.lookup(self.ino(i), &e.name) else {
                 continue;
             };
-            let ino = self.fuse_ino(a.ino);
-            if reply.add(
-                ino,
-                n as u64 + 3,
-                OsStr::from_bytes(&e.name),
-                ttl(&a),
-                &file_attr(ino, &a),
-                Generation(a.rec.generation),
-            ) {
+            if self.add_plus(&mut reply, n as u64 + 3, OsStr::from_bytes(&e.name), &a) {
                 break;
             }
         }

@@ -348,15 +348,16 @@ impl SpaceGuard {
         }
     }
 
-    /// Samples free space unless it was sampled very recently.
-    fn sample(&self, path: &std::path::Path) {
+    /// Samples free space unless it was sampled very recently; returns the time it
+    /// looked at, in ns.
+    fn sample(&self, path: &std::path::Path) -> u64 {
         let now = now_ns().max(0) as u64;
         if now.saturating_sub(self.sampled_ns.load(Ordering::Relaxed)) < SPACE_SAMPLE_NS {
-            return;
+            return now;
         }
         self.sampled_ns.store(now, Ordering::Relaxed);
         let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-            return;
+            return now;
         };
         // SAFETY: statvfs writes into the zeroed struct; the path is NUL-terminated.
         let mut vfs: libc::statvfs = unsafe { std::mem::zeroed() };
@@ -367,6 +368,7 @@ impl SpaceGuard {
             self.total_bytes
                 .store(vfs.f_blocks.saturating_mul(frsize), Ordering::Relaxed);
         }
+        now
     }
 
     /// The blob garbage collection setting that free space and `blobs` call for, when it
@@ -384,9 +386,8 @@ impl SpaceGuard {
 
     /// ENOSPC unless `adding` more bytes leave the reserve free.
     fn check(&self, path: &std::path::Path, adding: u64) -> FsResult<()> {
-        self.last_write_ns
-            .store(now_ns().max(0) as u64, Ordering::Relaxed);
-        self.sample(path);
+        let now = self.sample(path);
+        self.last_write_ns.store(now, Ordering::Relaxed);
         let free = self.free_bytes.load(Ordering::Relaxed);
         if free.saturating_sub(adding) < self.reserve() {
             return Err(FsError::NoSpace);
@@ -568,11 +569,10 @@ impl Namespace {
         if self.space.stopping.load(Ordering::Acquire) {
             return;
         }
+        let (blobs, turned_on) = self.update_blob_gc();
         let now = now_ns().max(0) as u64;
         let writing =
             now.saturating_sub(self.space.last_write_ns.load(Ordering::Relaxed)) < WRITE_PAUSE_NS;
-        let turned_on = self.update_blob_gc();
-        let blobs = self.kv.blob_space();
         let deleted = self.space.reclaimable_bytes.load(Ordering::Relaxed);
         let deleted_a_lot = deleted > 0 && deleted.saturating_mul(4) >= blobs.bytes;
         // Collection is on and a quarter is garbage, and a reclaim could change that: not
@@ -587,18 +587,17 @@ impl Namespace {
         }
     }
 
-    /// Sets blob garbage collection as [`blob_gc_wanted`] says; true when it turned it on.
-    fn update_blob_gc(&self) -> bool {
+    /// Sets blob garbage collection as [`blob_gc_wanted`] says; returns the blob space it
+    /// decided on, and true when it turned collection on.
+    fn update_blob_gc(&self) -> (BlobSpace, bool) {
         let _setting = self.space.gc_setting.lock();
         self.space.sample(&self.store.path);
         let blobs = self.kv.blob_space();
-        match self.space.blob_gc_change(blobs) {
-            Some(enabled) => {
-                self.set_blob_gc(enabled, blobs);
-                enabled
-            }
-            None => false,
+        let change = self.space.blob_gc_change(blobs);
+        if let Some(enabled) = change {
+            self.set_blob_gc(enabled, blobs);
         }
+        (blobs, change == Some(true))
     }
 
     fn set_blob_gc(&self, enabled: bool, blobs: BlobSpace) {
@@ -659,8 +658,9 @@ impl Namespace {
                         ns.store.path.display()
                     ),
                 }
+                let mut blobs = ns.kv.blob_space();
                 for _ in 0..RECLAIM_ROUNDS {
-                    let before = ns.kv.blob_space();
+                    let before = blobs;
                     if let Err(e) = ns.kv.reclaim_space() {
                         tracing::error!("reclaiming space: {e}");
                         break;
@@ -671,8 +671,7 @@ impl Namespace {
                     // turn collection on. With it on, each compaction relocates the live
                     // chunks of the older half of the blob files: go on while a quarter
                     // of the blob bytes is still garbage.
-                    ns.update_blob_gc();
-                    let blobs = ns.kv.blob_space();
+                    blobs = ns.update_blob_gc().0;
                     *ns.space.after_reclaim.lock() = blobs;
                     if ns.space.stopping.load(Ordering::Acquire)
                         || !ns.space.blob_gc.load(Ordering::Relaxed)
@@ -683,7 +682,6 @@ impl Namespace {
                         break;
                     }
                 }
-                let blobs = ns.kv.blob_space();
                 tracing::info!(
                     "{}: reclaim done: blob files hold {} MiB, {} MiB of it deleted chunks",
                     ns.store.path.display(),
