@@ -80,6 +80,14 @@ pub enum Op {
         policy: crate::retention::KeepPolicy,
         dry_run: bool,
     },
+    /// Make CONTAINER[/PATH] an exact copy of the directory SOURCE (see `crate::ingest`);
+    /// progress lines precede the reply. SOURCE is read with the daemon's privileges, so
+    /// only root or the daemon's own user may ask.
+    Ingest {
+        source: PathBuf,
+        target: String,
+        jobs: usize,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -266,6 +274,11 @@ pub fn execute(ns: &Namespace, op: &Op, served_by_mount: bool) -> Result<Value, 
         Op::MountSnapshot { .. } => {
             Err("only a running mount serves snapshot mounts; none holds this store".into())
         }
+        Op::Ingest {
+            source,
+            target,
+            jobs,
+        } => run_ingest(ns, source, target, *jobs, &mut |_| true),
         Op::SnapshotCreate { container, name } => ns
             .create_snapshot(container, name.as_deref())
             .map(|s| {
@@ -423,12 +436,27 @@ pub fn call_with_progress(
     }
 }
 
+/// Runs an ingest (see [`Op::Ingest`]); the reply is the [`crate::ingest::IngestReport`].
+pub fn run_ingest(
+    ns: &Namespace,
+    source: &Path,
+    target: &str,
+    jobs: usize,
+    progress: &mut dyn FnMut(&crate::ingest::IngestStats) -> bool,
+) -> Result<Value, String> {
+    let target = crate::ingest::resolve_target(ns, target).map_err(|e| e.to_string())?;
+    let report = crate::ingest::ingest(ns, source, target, jobs, progress)
+        .map_err(|e| format!("ingest stopped: {e}"))?;
+    serde_json::to_value(report).map_err(|e| e.to_string())
+}
+
 /// Answers one request line.
 pub fn handle_line(
     ns: &Namespace,
     line: &str,
     mounter: Option<&SnapshotMounter>,
-    progress: &mut dyn FnMut(&Value),
+    peer_has_daemon_privileges: bool,
+    progress: &mut dyn FnMut(&Value) -> bool,
 ) -> Reply {
     let fail = |error: String| Reply {
         ok: false,
@@ -455,8 +483,24 @@ pub fn handle_line(
             },
             Some(mount),
         ) => mount(container, name, mountpoint, options),
+        (Op::Ingest { .. }, _) if !peer_has_daemon_privileges => Err(
+            "ingest reads SOURCE with the mount's privileges: run it as root or as the user the mount runs as"
+                .into(),
+        ),
+        (
+            Op::Ingest {
+                source,
+                target,
+                jobs,
+            },
+            _,
+        ) => run_ingest(ns, source, target, *jobs, &mut |p| {
+            progress(&serde_json::to_value(p).unwrap_or(Value::Null))
+        }),
         (Op::Scrub, _) => ns
-            .scrub(&mut |p| progress(&serde_json::to_value(p).unwrap_or(Value::Null)))
+            .scrub(&mut |p| {
+                progress(&serde_json::to_value(p).unwrap_or(Value::Null));
+            })
             .map(|r| serde_json::to_value(r).unwrap_or(Value::Null))
             .map_err(|e| format!("scrub: {e}")),
         (op, _) => execute(ns, op, true),
@@ -540,7 +584,11 @@ fn serve(ns: &Namespace, stream: UnixStream, owner: u32, mounter: Option<&Snapsh
         out.push(b'\n');
         writer.write_all(&out)
     };
-    match peer_uid(&stream) {
+    let peer = peer_uid(&stream);
+    // SAFETY: geteuid has no preconditions.
+    let daemon_uid = unsafe { libc::geteuid() };
+    let peer_has_daemon_privileges = peer.is_some_and(|uid| uid == 0 || uid == daemon_uid);
+    match peer {
         Some(uid) if uid == 0 || uid == owner => {}
         _ => {
             let _ = respond(
@@ -579,12 +627,14 @@ fn serve(ns: &Namespace, stream: UnixStream, owner: u32, mounter: Option<&Snapsh
         let mut progress = |p: &Value| {
             let mut out = serde_json::to_vec(&json!({ "progress": p })).unwrap_or_default();
             out.push(b'\n');
-            let _ = writer.write_all(&out);
+            // A client that is gone stops a long operation that asks.
+            writer.write_all(&out).is_ok()
         };
         let reply = handle_line(
             ns,
             String::from_utf8_lossy(&line).trim_end(),
             mounter,
+            peer_has_daemon_privileges,
             &mut progress,
         );
         if respond(&mut writer, &reply).is_err() {

@@ -17,6 +17,7 @@ pub mod format;
 pub mod fsck;
 pub mod fuse;
 pub mod ids;
+pub mod ingest;
 pub mod kv;
 pub mod memory;
 pub mod namespace;

@@ -118,6 +118,33 @@ enum Command {
         #[command(flatten)]
         store: StoreArg,
     },
+    /// Copy a directory tree into a container, without the mount's per-file round trips
+    ///
+    /// Makes CONTAINER (or CONTAINER/PATH) an exact copy of the contents of SOURCE, as
+    /// `rsync -a --delete SOURCE/ MOUNT/CONTAINER/PATH/` would: new and changed files are
+    /// written (changed: size or mtime differ; a changed file is replaced in one step), what
+    /// SOURCE no longer has is deleted, and modes, owners, times, xattrs, symlinks and
+    /// special files are copied. Hard links become separate files (their chunks are stored
+    /// once anyway). Several files are chunked at once.
+    ///
+    /// While the store is mounted, the mount's daemon does the work (as root or the user the
+    /// mount runs as) and the mount shows the result; otherwise the store is opened directly.
+    /// Entries that cannot be read are reported and skipped; the exit status is then 1 and
+    /// no snapshot is taken.
+    Ingest {
+        /// The directory whose contents are copied
+        source: PathBuf,
+        /// CONTAINER, or CONTAINER/PATH (missing directories of PATH are created)
+        target: String,
+        /// Take this snapshot of the container once the copy is complete
+        #[arg(long, value_name = "NAME")]
+        snapshot: Option<String>,
+        /// Files copied at once
+        #[arg(long, default_value_t = dedupfs::ingest::DEFAULT_JOBS)]
+        jobs: usize,
+        #[command(flatten)]
+        store: StoreArg,
+    },
     /// Show space savings and throughput, for the store or one container
     Stats {
         container: Option<String>,
@@ -311,6 +338,149 @@ enum SnapshotCommand {
         #[command(flatten)]
         store: StoreArg,
     },
+}
+
+fn ingest(
+    store: &Path,
+    source: &Path,
+    target: &str,
+    snapshot: Option<String>,
+    jobs: usize,
+) -> Result<()> {
+    use dedupfs::ingest::{IngestReport, IngestStats, MAX_JOBS};
+    use std::io::{IsTerminal, Write};
+    Store::check(store)?;
+    if !(1..=MAX_JOBS).contains(&jobs) {
+        bail!("--jobs must be between 1 and {MAX_JOBS}");
+    }
+    if let Some(name) = &snapshot {
+        if dedupfs::namespace::check_snapshot_name(name).is_err() {
+            bail!(
+                "invalid snapshot name {name:?}: it must be a file name (not '.', '..', no '/', '@' or ':')"
+            );
+        }
+    }
+    let source = std::fs::canonicalize(source).map_err(|e| anyhow!("{}: {e}", source.display()))?;
+    if !source.is_dir() {
+        bail!("{}: not a directory", source.display());
+    }
+    let container = target
+        .trim_start_matches('/')
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    // Copying the store, or its own mount, into itself would never end.
+    let store_dir = std::fs::canonicalize(store)?;
+    let mountpoint = dedupfs::store::mounted_at(store);
+    for inside in std::iter::once(store_dir).chain(mountpoint) {
+        if source.starts_with(&inside) {
+            bail!(
+                "{}: inside {}, which holds this store",
+                source.display(),
+                inside.display()
+            );
+        }
+    }
+    let draw = std::io::stderr().is_terminal();
+    let mut show = |p: &IngestStats| {
+        if draw {
+            let secs = (p.elapsed_ms as f64 / 1000.0).max(0.001);
+            eprint!(
+                "\ringest: {} files ({} written, {} unchanged), {} ({}/s), {} removed   ",
+                p.files,
+                p.written,
+                p.unchanged,
+                human(p.bytes),
+                human((p.bytes as f64 / secs) as u64),
+                p.removed
+            );
+            let _ = std::io::stderr().flush();
+        }
+        true
+    };
+    let op = Op::Ingest {
+        source: source.clone(),
+        target: target.to_string(),
+        jobs,
+    };
+    let value = match control::call_with_progress(store, op, &mut |v| {
+        if let Ok(p) = serde_json::from_value(v.clone()) {
+            show(&p);
+        }
+    })
+    .map_err(|e| anyhow!(e))?
+    {
+        Some(v) => v,
+        None => {
+            // The same memory budget as a mount's default.
+            let budget = dedupfs::memory::MemoryBudget::default();
+            budget.tune_malloc();
+            let opened = Store::open_with(store, &budget)?;
+            let ns = Namespace::new(opened, budget.chunk_cache())
+                .map_err(|e| anyhow!("{}: {e}", store.display()))?;
+            ns.set_pending_budget(budget.pending_writes() as usize);
+            let result = control::run_ingest(&ns, &source, target, jobs, &mut show);
+            ns.shutdown()
+                .map_err(|e| anyhow!("{}: closing: {e}", store.display()))?;
+            result.map_err(|e| anyhow!(e))?
+        }
+    };
+    if draw {
+        eprintln!();
+    }
+    let report: IngestReport = serde_json::from_value(value)?;
+    let s = &report.stats;
+    let secs = (s.elapsed_ms as f64 / 1000.0).max(0.001);
+    println!(
+        "ingested {} into {target}: {} files ({} written, {} unchanged), {} directories, {} symlinks, {} special, {} removed; {} in {:.1} s ({}/s)",
+        source.display(),
+        s.files,
+        s.written,
+        s.unchanged,
+        s.dirs,
+        s.symlinks,
+        s.specials,
+        s.removed,
+        human(s.bytes),
+        secs,
+        human((s.bytes as f64 / secs) as u64),
+    );
+    if s.errors > 0 {
+        for e in &report.errors {
+            eprintln!("dedupfs: ingest: {e}");
+        }
+        if s.errors > report.errors.len() as u64 {
+            eprintln!(
+                "dedupfs: ingest: ... and {} more (see the mount's log)",
+                s.errors - report.errors.len() as u64
+            );
+        }
+        bail!(
+            "{} source entries could not be copied{}",
+            s.errors,
+            if snapshot.is_some() {
+                "; no snapshot taken"
+            } else {
+                ""
+            }
+        );
+    }
+    if let Some(name) = snapshot {
+        let v = request(
+            store,
+            Op::SnapshotCreate {
+                container,
+                name: Some(name),
+            },
+        )?;
+        println!(
+            "created snapshot {}@{}",
+            v["container"].as_str().unwrap_or("?"),
+            v["name"].as_str().unwrap_or("?")
+        );
+    }
+    Ok(())
 }
 
 fn scrub(store: &Path, json: bool) -> Result<()> {
@@ -712,6 +882,13 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Scrub { json, store } => scrub(&store.path(), json),
+        Command::Ingest {
+            source,
+            target,
+            snapshot,
+            jobs,
+            store,
+        } => ingest(&store.path(), &source, &target, snapshot, jobs),
         Command::Fsck { store } => {
             let store = Store::open(&store)?;
             let report = dedupfs::fsck::fsck(&store.kv, &store.config)?;

@@ -23,6 +23,24 @@ impl MemoryBudget {
         (total >= Self::MIN_BYTES).then_some(MemoryBudget { total })
     }
 
+    /// Tunes glibc's allocator for this budget; call before the store opens.
+    ///
+    /// Write buffers and chunk batches are tens of MiB, allocated and freed at every commit.
+    /// Keep freed memory in the heap instead of returning it to the kernel, which would fault
+    /// every page in again (measured: ~12% of the daemon's CPU time went to page faults), but
+    /// only a quarter of the budget of it. Two arenas: glibc's default of 8 per core let
+    /// each committing thread keep its own freed batches (measured: peak RSS 506 MiB with
+    /// the default arenas, 243 MiB with two, same throughput, five writers).
+    pub fn tune_malloc(&self) {
+        // SAFETY: mallopt only changes allocator tuning parameters.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+            let keep = (self.total() / 4).min(i32::MAX as u64) as libc::c_int;
+            libc::mallopt(libc::M_TRIM_THRESHOLD, keep);
+        }
+    }
+
     pub fn total(&self) -> u64 {
         self.total
     }

@@ -15,7 +15,7 @@ pub struct DirEntry {
 }
 
 /// Attribute changes of a setattr; `None` leaves a field as it is.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SetAttr {
     pub mode: Option<u32>,
     pub uid: Option<u32>,

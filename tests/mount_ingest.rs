@@ -1,0 +1,137 @@
+//! `dedupfs ingest` through the real binary: done by the running mount's daemon (what the
+//! mount shows afterwards must be the new tree, whatever the kernel had cached), done on an
+//! unmounted store, and the one-line errors of bad input.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::Output;
+
+use common::{dedupfs, ok, Mounted};
+
+fn run(store: &Path, args: &[&str]) -> Output {
+    let mut all: Vec<std::ffi::OsString> = args.iter().map(|a| a.into()).collect();
+    all.push("--store".into());
+    all.push(store.into());
+    dedupfs(all)
+}
+
+/// Asserts a one-line error naming `needle`, and a non-zero exit.
+fn refused(out: Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "expected failure for {needle:?}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(err.contains(needle), "{err:?} should mention {needle:?}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+fn set_mtime(p: &Path, secs: i64) {
+    let f = std::fs::File::options().write(true).open(p).unwrap();
+    f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs as u64))
+        .unwrap();
+}
+
+#[test]
+fn ingest_by_the_mount_shows_through_the_mount() {
+    let mut m = Mounted::new();
+    let src = m.dir.path().join("src");
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    std::fs::write(src.join("new"), b"brand new").unwrap();
+    std::fs::write(src.join("changed"), b"version B").unwrap();
+    set_mtime(&src.join("changed"), 1_700_000_000);
+    std::fs::write(src.join("sub/deep"), vec![7u8; 300_000]).unwrap();
+
+    // What the kernel caches beforehand: a negative entry for "new", the attributes and
+    // pages of "changed", a file the source does not have.
+    assert!(std::fs::metadata(m.c().join("new")).is_err());
+    std::fs::write(m.c().join("changed"), b"version A").unwrap();
+    assert_eq!(std::fs::read(m.c().join("changed")).unwrap(), b"version A");
+    std::fs::write(m.c().join("stale"), b"not in the source").unwrap();
+
+    let out = ok(run(
+        &m.store,
+        &["ingest", src.to_str().unwrap(), "c", "--snapshot", "s1"],
+    ));
+    assert!(out.contains("3 files (3 written, 0 unchanged)"), "{out}");
+    assert!(out.contains("1 removed"), "{out}");
+    assert!(out.contains("created snapshot c@s1"), "{out}");
+
+    assert_eq!(std::fs::read(m.c().join("new")).unwrap(), b"brand new");
+    assert_eq!(std::fs::read(m.c().join("changed")).unwrap(), b"version B");
+    let meta = std::fs::metadata(m.c().join("changed")).unwrap();
+    assert_eq!(meta.mtime(), 1_700_000_000);
+    assert_eq!(
+        std::fs::read(m.c().join("sub/deep")).unwrap(),
+        vec![7u8; 300_000]
+    );
+    assert!(
+        !m.c().join("stale").exists(),
+        "a name the source lacks stays"
+    );
+    assert_eq!(
+        std::fs::read(m.c().join(".snapshots/s1/changed")).unwrap(),
+        b"version B"
+    );
+
+    // Again, unchanged: nothing written.
+    let out = ok(run(&m.store, &["ingest", src.to_str().unwrap(), "c/copy"]));
+    assert!(out.contains("3 written"), "{out}");
+    let out = ok(run(&m.store, &["ingest", src.to_str().unwrap(), "c/copy"]));
+    assert!(out.contains("0 written, 3 unchanged"), "{out}");
+
+    // Without a mount, the store is opened directly.
+    m.unmount();
+    std::fs::write(src.join("offline"), b"written while unmounted").unwrap();
+    let out = ok(run(&m.store, &["ingest", src.to_str().unwrap(), "c"]));
+    assert!(out.contains("1 written, 3 unchanged"), "{out}");
+    m.mount();
+    assert_eq!(
+        std::fs::read(m.c().join("offline")).unwrap(),
+        b"written while unmounted"
+    );
+    m.finish();
+}
+
+#[test]
+fn ingest_refuses_bad_input_in_one_line() {
+    let m = Mounted::new();
+    let src = m.dir.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("f"), b"x").unwrap();
+    let s = src.to_str().unwrap();
+    refused(run(&m.store, &["ingest", s, "nosuch"]), "does not exist");
+    refused(
+        run(&m.store, &["ingest", "/no/such/dir", "c"]),
+        "/no/such/dir",
+    );
+    refused(
+        run(&m.store, &["ingest", s, "c", "--snapshot", "a@b"]),
+        "invalid snapshot name",
+    );
+    refused(run(&m.store, &["ingest", s, "c", "--jobs", "0"]), "--jobs");
+    refused(run(&m.store, &["ingest", s, "c/../x"]), "'..'");
+    let inside = m.c().join("d");
+    std::fs::create_dir(&inside).unwrap();
+    refused(
+        run(&m.store, &["ingest", inside.to_str().unwrap(), "c"]),
+        "holds this store",
+    );
+    std::fs::write(m.c().join("plain"), b"").unwrap();
+    refused(
+        run(&m.store, &["ingest", s, "c/plain/x"]),
+        "not a directory",
+    );
+    // A source entry that cannot be copied: the rest is, the exit is 1, no snapshot.
+    std::fs::create_dir(src.join(".snapshots")).unwrap();
+    let out = run(&m.store, &["ingest", s, "c", "--snapshot", "s"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("reserved") && err.contains("no snapshot taken"),
+        "{err}"
+    );
+    assert!(m.c().join("f").exists());
+    assert!(!m.c().join(".snapshots/s").exists());
+    m.finish();
+}
