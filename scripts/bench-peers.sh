@@ -19,7 +19,8 @@
 # the next is made.
 #
 # Per tool (restic, local repository; borg, --encryption none; dedupfs, one container):
-#   - first ingest: restic backup / borg create / cp -a into the container + snapshot create
+#   - first ingest: restic backup / borg create / cp -a into the container + snapshot create;
+#     and `dedupfs ingest TREE c --snapshot g0` into a second store (its mount's daemon does it)
 #   - each generation: restic backup / borg create (both skip unchanged files by their cache) /
 #     rsync -a --delete into the container + snapshot create
 #   - restore of the last generation into a directory: restic restore / borg extract /
@@ -47,7 +48,7 @@ command_line="scripts/bench-peers.sh${*:+ $*}"
 [[ -n ${DATASET_DIRS:-} ]] && command_line="DATASET_DIRS=\"$DATASET_DIRS\" $command_line"
 [[ -n ${PERF:-} ]] && command_line="PERF=$PERF $command_line"
 
-usage() { sed -n '2,40s/^# \{0,1\}//p' "$0"; }
+usage() { sed -n '2,42s/^# \{0,1\}//p' "$0"; }
 
 record=0
 size_mib=2048
@@ -93,10 +94,12 @@ cp "$src_bin" "$bin"
 tree="$work/tree"          # the data set, changed in place from generation to generation
 store="$work/dedupfs-store"
 mnt="$work/dedupfs-mnt"
+store2="$work/dedupfs-ingest-store" # the `dedupfs ingest` path, a store of its own
+mnt2="$work/dedupfs-ingest-mnt"
 rmnt="$work/restic-mnt"
 bmnt="$work/borg-mnt"
 dest="$work/restore"
-mkdir -p "$tree" "$mnt" "$rmnt" "$bmnt"
+mkdir -p "$tree" "$mnt" "$mnt2" "$rmnt" "$bmnt"
 
 export RESTIC_REPOSITORY="$work/restic-repo" RESTIC_PASSWORD=bench RESTIC_CACHE_DIR="$work/restic-cache"
 export BORG_REPO="$work/borg-repo" BORG_BASE_DIR="$work/borg-base"
@@ -107,9 +110,9 @@ bg_pids=()
 is_mounted() { grep -q " $1 " /proc/mounts; }
 cleanup() {
     local m p
-    for m in "$mnt" "$rmnt" "$bmnt"; do
+    for m in "$mnt" "$mnt2" "$rmnt" "$bmnt"; do
         if is_mounted "$m"; then
-            if [[ $m == "$mnt" ]]; then "$bin" umount "$m" >/dev/null 2>&1 || true; fi
+            if [[ $m == "$mnt" || $m == "$mnt2" ]]; then "$bin" umount "$m" >/dev/null 2>&1 || true; fi
             is_mounted "$m" && { fusermount3 -u "$m" 2>/dev/null || fusermount3 -u -z "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true; }
         fi
     done
@@ -331,7 +334,22 @@ put ingest_s dedupfs "$(elapsed "$t0" "$t1")"
 put ingest_rss dedupfs "$(hwm_kib "$pid")"; rss_max dedupfs "$(hwm_kib "$pid")"
 put stored_0 dedupfs "$(stored_bytes)"
 put disk_0 dedupfs "$(du_bytes "$store")"
-for tool in restic borg dedupfs; do
+say "first ingest: dedupfs ingest (daemon-side, a second store)"
+"$bin" init "$store2" >/dev/null
+"$bin" mount "$store2" "$mnt2" >/dev/null
+DEDUPFS_STORE=$store2 "$bin" container create c >/dev/null
+pid2=$(awk '{ print $2 }' "$store2/lock")
+ingest_rss=0
+drop_caches
+reset_hwm "$pid2"
+t0=$(now)
+DEDUPFS_STORE=$store2 "$bin" ingest "$tree" c --snapshot g0 >/dev/null
+sync -f "$store2"
+t1=$(now)
+put ingest_s ingest "$(elapsed "$t0" "$t1")"
+ingest_rss=$(max "$ingest_rss" "$(hwm_kib "$pid2")")
+put stored_0 ingest "$(DEDUPFS_STORE=$store2 stored_bytes)"
+for tool in restic borg dedupfs ingest; do
     put ingest_mibs "$tool" "$(rate "$data_bytes" "$(get ingest_s "$tool")")"
 done
 
@@ -374,7 +392,23 @@ for ((g = 1; g <= generations; g++)); do
     put "gen${g}_s" dedupfs "$(elapsed "$t0" "$t1")"
     put "gen${g}_added" dedupfs "$(($(stored_bytes) - before))"
     gen_rss_dedupfs=$(max "$gen_rss_dedupfs" "$(hwm_kib "$pid")")
+
+    before=$(DEDUPFS_STORE=$store2 stored_bytes)
+    drop_caches
+    reset_hwm "$pid2"
+    t0=$(now)
+    DEDUPFS_STORE=$store2 "$bin" ingest "$tree" c --snapshot "g$g" >/dev/null
+    sync -f "$store2"
+    t1=$(now)
+    put "gen${g}_s" ingest "$(elapsed "$t0" "$t1")"
+    put "gen${g}_added" ingest "$(($(DEDUPFS_STORE=$store2 stored_bytes) - before))"
+    ingest_rss=$(max "$ingest_rss" "$(hwm_kib "$pid2")")
 done
+put rss_all ingest "$ingest_rss"
+put stored_n ingest "$(DEDUPFS_STORE=$store2 stored_bytes)"
+got=$(file_bytes "$mnt2/c")
+[[ $got == "$(file_bytes "$tree")" ]] || say "WARNING: dedupfs ingest holds $got bytes, the tree $(file_bytes "$tree")"
+"$bin" umount "$mnt2" >/dev/null
 for tool in restic borg dedupfs; do
     v=gen_rss_$tool
     put gen_rss "$tool" "${!v}"; rss_max "$tool" "${!v}"
@@ -488,9 +522,9 @@ load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 # ---- report ------------------------------------------------------------------------------
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || a == "" || b == "" || b + 0 == 0) print "-"; else printf "%.2f", a / b }'; }
-row() { # label metric format(raw|mib|kib)
+row() { # label metric format(raw|mib|kib) [the dedupfs column's tool: dedupfs or ingest]
     local a b c
-    a=$(get "$2" restic) b=$(get "$2" borg) c=$(get "$2" dedupfs)
+    a=$(get "$2" restic) b=$(get "$2" borg) c=$(get "$2" "${4:-dedupfs}")
     local ra rb
     ra=$(ratio "$c" "$a") rb=$(ratio "$c" "$b")
     case $3 in
@@ -520,6 +554,15 @@ table=$(
     row "peak RSS, restore into a directory (MiB)" restore_rss kib
     row "peak RSS, mount read (MiB)" mount_rss kib
     row "peak RSS, all steps (MiB)" rss_all kib
+    row "first ingest with \`dedupfs ingest\`, wall (s)" ingest_s raw ingest
+    row "first ingest with \`dedupfs ingest\` (MiB/s)" ingest_mibs raw ingest
+    row "stored after first ingest with \`dedupfs ingest\` (MiB)" stored_0 mib ingest
+    for ((g = 1; g <= generations; g++)); do
+        row "generation $g with \`dedupfs ingest\`, wall (s)" "gen${g}_s" raw ingest
+        row "generation $g with \`dedupfs ingest\`, added (MiB)" "gen${g}_added" mib ingest
+    done
+    row "stored after $generations generations with \`dedupfs ingest\` (MiB)" stored_n mib ingest
+    row "peak RSS of the daemon over the \`dedupfs ingest\` steps (MiB)" rss_all kib ingest
 )
 
 machine="$(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo)"
@@ -530,7 +573,7 @@ notes=$(
 - data set: $data_mib MiB in $data_files files, a sample (seed $seed) of $roots_text; after $generations generations $(mib "$last_bytes") MiB in $last_files files.
 - generations: $changes
 - tools: $versions. Defaults of each: restic repository v2 with zstd (auto), borg lz4 with 2 MiB average chunks, dedupfs zstd:1 with 64 KiB average chunks.
-- how: restic \`backup\` and borg \`create\` of the tree; dedupfs \`cp -a\` (first) or \`rsync -a --delete\` (later) into a container, then \`dedupfs snapshot create\`. Restore: \`restic restore\`, \`borg extract\`, \`dedupfs restore\` (store not mounted). Mount read: \`restic mount\`, \`borg mount\`, the \`.snapshots\` view of a fresh dedupfs mount, every file read with \`cat\`. Page caches dropped before each step; each write step ends with \`sync -f\`.
+- how: restic \`backup\` and borg \`create\` of the tree; dedupfs \`cp -a\` (first) or \`rsync -a --delete\` (later) into a container, then \`dedupfs snapshot create\`; the \`dedupfs ingest\` rows: \`dedupfs ingest TREE c --snapshot gN\` into a second store, mounted (its daemon does the work). Restore: \`restic restore\`, \`borg extract\`, \`dedupfs restore\` (store not mounted). Mount read: \`restic mount\`, \`borg mount\`, the \`.snapshots\` view of a fresh dedupfs mount, every file read with \`cat\`. Page caches dropped before each step; each write step ends with \`sync -f\`.
 - stored: restic and borg, \`du -sb\` of the repository; dedupfs, \`stored_bytes\` of \`dedupfs stats --json\` (the store directory, RocksDB included, is in the du row, measured after unmount). Peak RSS: GNU time's %M for restic, borg and \`dedupfs restore\`; VmHWM of the dedupfs daemon (reset before each step).
 - ratios are dedupfs ÷ peer: above 1 is better for MiB/s, below 1 is better for seconds, MiB stored and RSS.
 - whole run: ${total_s} s; load average before: $load_before, after: $load_after.
