@@ -249,7 +249,7 @@ pub fn ingest(
     // metadata follows the source root's, as rsync's "SOURCE/" does.
     run.sync_meta(target.dir, &root_meta, true)
         .map_err(|e| store_error(".", e))?;
-    run.sync_xattrs(target.dir, Path::new(""))?;
+    run.sync_xattrs(target.dir, Path::new(""), false)?;
     let times = std::mem::take(&mut *run.dir_times.lock());
     for (ino, atime, mtime) in times {
         let set = SetAttr {
@@ -588,7 +588,8 @@ impl Run<'_> {
                 a.ino
             }
         };
-        self.sync_xattrs(ino, rel).map_err(into_failure)?;
+        self.sync_xattrs(ino, rel, current.is_none_or(|e| e.kind != Kind::Dir))
+            .map_err(into_failure)?;
         self.dir_times
             .lock()
             .push((ino, meta.atime_ns, meta.mtime_ns));
@@ -618,7 +619,7 @@ impl Run<'_> {
                     if self.sync_meta(e.ino, &meta, false)? {
                         forget.push(Invalidation::Inode(e.ino));
                     }
-                    self.sync_xattrs(e.ino, &rel).map_err(into_failure)?;
+                    self.sync_xattrs(e.ino, &rel, false).map_err(into_failure)?;
                     bump(&self.counts.unchanged, 1);
                     return Ok(());
                 }
@@ -690,12 +691,11 @@ impl Run<'_> {
             ns.open(ino)?;
             let copied = copy_data(ns, ino, &mut reader, buf);
             let released = ns.release(ino);
-            let size = copied?;
+            let (size, written_end) = copied?;
             released?;
-            let mut meta = meta.clone();
-            meta.size = size;
-            self.sync_xattrs(ino, rel).map_err(into_failure)?;
-            self.set_file_meta(ino, &meta)?;
+            self.sync_xattrs(ino, rel, true).map_err(into_failure)?;
+            // The size is set only for a hole at the end: a setattr with a size truncates.
+            self.set_file_meta(ino, meta, (size > written_end).then_some(size))?;
             if replace {
                 ns.rename(dir, &build, dir, name, false, false, Caller::ROOT)?;
             }
@@ -715,14 +715,19 @@ impl Run<'_> {
         }
     }
 
-    /// Sets a written file's owner, mode, size and times in one batch (size and mtime last
-    /// of all its changes: see the module documentation).
-    fn set_file_meta(&self, ino: InodeNo, meta: &SourceMeta) -> Result<(), FsError> {
+    /// Sets a written file's owner, mode, times and, when given, size in one batch (mtime
+    /// last of all its changes: see the module documentation).
+    fn set_file_meta(
+        &self,
+        ino: InodeNo,
+        meta: &SourceMeta,
+        size: Option<u64>,
+    ) -> Result<(), FsError> {
         let set = SetAttr {
             mode: Some(meta.perm),
             uid: Some(meta.uid),
             gid: Some(meta.gid),
-            size: Some(meta.size),
+            size,
             atime: Some(Some(meta.atime_ns)),
             mtime: Some(Some(meta.mtime_ns)),
         };
@@ -836,15 +841,23 @@ impl Run<'_> {
         Ok(true)
     }
 
-    /// Makes the xattrs of `ino` those of the source entry `rel`.
-    fn sync_xattrs(&self, ino: InodeNo, rel: &Path) -> Result<(), IngestError> {
+    /// Makes the xattrs of `ino` those of the source entry `rel`; `fresh` when `ino` was
+    /// just created (it has none).
+    fn sync_xattrs(&self, ino: InodeNo, rel: &Path, fresh: bool) -> Result<(), IngestError> {
         let ns = self.ns;
         let wanted = self
             .source
             .xattrs(rel)
             .map_err(|e| IngestError::Source(rel.to_path_buf(), e))?;
+        if fresh && wanted.is_empty() {
+            return Ok(());
+        }
         let err = |e| store_error(display_rel(rel), e);
-        let listed = ns.listxattr(ino).map_err(err)?;
+        let listed = if fresh {
+            Vec::new()
+        } else {
+            ns.listxattr(ino).map_err(err)?
+        };
         let mut changed = false;
         for name in listed.split(|&b| b == 0).filter(|n| !n.is_empty()) {
             if !wanted.iter().any(|(n, _)| n.as_bytes() == name) {
@@ -881,18 +894,19 @@ fn into_failure(e: IngestError) -> Failure {
 }
 
 /// Copies `reader` into the open file `ino` from offset 0, leaving aligned all-zero blocks
-/// as holes; returns the bytes read (the file's size).
+/// as holes; returns the bytes read (the file's size) and the end of the last write.
 fn copy_data(
     ns: &Namespace,
     ino: InodeNo,
     reader: &mut dyn Read,
     buf: &mut [u8],
-) -> Result<u64, Failure> {
+) -> Result<(u64, u64), Failure> {
     let mut offset = 0u64;
+    let mut written_end = 0u64;
     loop {
         let n = fill(reader, buf).map_err(Failure::Source)?;
         if n == 0 {
-            return Ok(offset);
+            return Ok((offset, written_end));
         }
         let mut at = 0;
         while at < n {
@@ -907,6 +921,7 @@ fn copy_data(
             }
             if at > start {
                 ns.write(ino, offset + start as u64, &buf[start..at])?;
+                written_end = offset + at as u64;
             }
             while at < n && n - at >= HOLE_BLOCK && buf[at..at + HOLE_BLOCK].iter().all(|&b| b == 0)
             {
