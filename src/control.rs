@@ -87,6 +87,9 @@ pub enum Op {
         source: PathBuf,
         target: String,
         jobs: usize,
+        /// Directories left out (the store's own directory and mountpoint).
+        #[serde(default)]
+        skip: Vec<PathBuf>,
     },
 }
 
@@ -278,7 +281,8 @@ pub fn execute(ns: &Namespace, op: &Op, served_by_mount: bool) -> Result<Value, 
             source,
             target,
             jobs,
-        } => run_ingest(ns, source, target, *jobs, &mut |_| true),
+            skip,
+        } => run_ingest(ns, source, target, *jobs, skip, &mut |_| true),
         Op::SnapshotCreate { container, name } => ns
             .create_snapshot(container, name.as_deref())
             .map(|s| {
@@ -442,10 +446,11 @@ pub fn run_ingest(
     source: &Path,
     target: &str,
     jobs: usize,
+    skip: &[PathBuf],
     progress: &mut dyn FnMut(&crate::ingest::IngestStats) -> bool,
 ) -> Result<Value, String> {
     let target = crate::ingest::resolve_target(ns, target).map_err(|e| e.to_string())?;
-    let report = crate::ingest::ingest(ns, source, target, jobs, progress)
+    let report = crate::ingest::ingest(ns, source, target, jobs, skip, progress)
         .map_err(|e| format!("ingest stopped: {e}"))?;
     serde_json::to_value(report).map_err(|e| e.to_string())
 }
@@ -492,9 +497,10 @@ pub fn handle_line(
                 source,
                 target,
                 jobs,
+                skip,
             },
             _,
-        ) => run_ingest(ns, source, target, *jobs, &mut |p| {
+        ) => run_ingest(ns, source, target, *jobs, skip, &mut |p| {
             progress(&serde_json::to_value(p).unwrap_or(Value::Null))
         }),
         (Op::Scrub, _) => ns

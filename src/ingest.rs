@@ -6,9 +6,16 @@
 //!
 //! What must hold:
 //! - The source is only read, and nothing outside the target directory changes.
+//! - The walk never leaves the source tree, even while users rename directories or replace
+//!   them with symlinks under it (the source may hold user-writable directories, and the
+//!   daemon reads as root): every directory is held open and its entries are reached through
+//!   `/proc/self/fd/N/NAME`, directories are opened with O_NOFOLLOW, and a file's owner, mode
+//!   and times come from fstat of what was opened, so a copy is never more readable than
+//!   the file it came from.
 //! - A file that already exists and changed is replaced in one step: the new content is
-//!   written under a temporary name and renamed over the old one, so a reader through the
-//!   mount, or a snapshot taken meanwhile, sees the old file or the new one, never a mix.
+//!   written under a temporary name unique to the run and renamed over the old one, so a
+//!   reader through the mount, or a snapshot taken meanwhile, sees the old file or the new
+//!   one, never a mix.
 //! - A file's size and mtime are set last, after its content and other metadata: the quick
 //!   check (same kind, size and mtime, as rsync and the file caches of restic and borg do)
 //!   then never skips a file that an interrupted run left half-written. Unchanged files are
@@ -23,11 +30,15 @@
 //! Hard links in the source are copied as separate files (as `rsync -a` without `-H`): the
 //! chunks are stored once anyway.
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
+use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
@@ -39,7 +50,7 @@ use crate::ids::InodeNo;
 use crate::namespace::{
     Caller, DirEntry, FsError, Invalidation, Namespace, SetAttr, SNAPSHOTS_DIR,
 };
-use crate::restore::{DirSource, EntryKind, Source, SourceMeta};
+use crate::restore::{source_meta, DirSource, EntryKind, Source, SourceMeta};
 
 /// Bytes read from a source file at a time.
 const READ_BUF: usize = 1 << 20;
@@ -100,6 +111,8 @@ pub enum IngestError {
     Store { path: String, err: FsError },
     #[error("interrupted")]
     Cancelled,
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 /// Where an ingest writes: a directory of a container.
@@ -168,13 +181,16 @@ pub fn resolve_target(ns: &Namespace, spec: &str) -> Result<Target, IngestError>
 }
 
 /// Makes `target` an exact copy of the directory `source` (see the module documentation).
-/// `progress` is called about once a second with the counts so far; when it returns false
-/// the ingest stops (what was done stays) with [`IngestError::Cancelled`].
+/// Directories in `skip` (the store's own directory and its mountpoint, met inside SOURCE)
+/// are left out as if SOURCE did not have them. `progress` is called about once a second
+/// with the counts so far; when it returns false the ingest stops (what was done stays)
+/// with [`IngestError::Cancelled`].
 pub fn ingest(
     ns: &Namespace,
     source: &Path,
     target: Target,
     jobs: usize,
+    skip: &[PathBuf],
     progress: &mut dyn FnMut(&IngestStats) -> bool,
 ) -> Result<IngestReport, IngestError> {
     let started = Instant::now();
@@ -187,9 +203,22 @@ pub fn ingest(
             io::Error::from_raw_os_error(libc::ENOTDIR),
         ));
     }
+    let root_dir =
+        SourceDir::open(&root, true).map_err(|e| IngestError::Source(root.clone(), e))?;
+    let skip = skip
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| (m.dev(), m.ino()))
+        .collect();
     let run = Run {
         ns,
-        source: DirSource::new(root),
+        root: DirSource::new(root),
+        skip,
+        tmp_tag: format!(
+            "{:x}",
+            (u64::from(std::process::id()) << 24) ^ crate::store::now_ns() as u64
+        ),
+        tmp_seq: AtomicU64::new(0),
         container_root: target.container_root,
         work: Mutex::new(Work {
             tasks: Vec::new(),
@@ -203,22 +232,30 @@ pub fn ingest(
         dir_times: Mutex::new(Vec::new()),
     };
     let root_meta = run
-        .source
+        .root
         .stat(Path::new(""))
         .map_err(|e| IngestError::Source(source.to_path_buf(), e))?;
     run.push(Task::Dir {
         rel: PathBuf::new(),
         ino: target.dir,
+        parent: Arc::new(root_dir),
+        name: None,
     });
     std::thread::scope(|scope| -> Result<(), IngestError> {
-        let workers: Vec<_> = (0..jobs.clamp(1, MAX_JOBS))
-            .map(|i| {
-                std::thread::Builder::new()
-                    .name(format!("ingest-{i}"))
-                    .spawn_scoped(scope, || run.worker())
-            })
-            .collect::<Result<_, _>>()
-            .map_err(|e| IngestError::Source(source.to_path_buf(), e))?;
+        let mut workers = Vec::new();
+        for i in 0..jobs.clamp(1, MAX_JOBS) {
+            let spawned = std::thread::Builder::new()
+                .name(format!("ingest-{i}"))
+                .spawn_scoped(scope, || run.worker());
+            match spawned {
+                Ok(w) => workers.push(w),
+                Err(e) => {
+                    // The scope waits for the workers already running: stop them first.
+                    run.stop();
+                    return Err(IngestError::Internal(format!("starting a worker: {e}")));
+                }
+            }
+        }
         // Progress first right away (a caller that is gone stops the ingest early), then
         // about once a second.
         let mut next_progress = Instant::now();
@@ -238,7 +275,11 @@ pub fn ingest(
         }
         drop(work);
         for w in workers {
-            let _ = w.join();
+            if w.join().is_err() {
+                run.failure
+                    .lock()
+                    .get_or_insert(IngestError::Internal("a worker panicked".into()));
+            }
         }
         Ok(())
     })?;
@@ -249,9 +290,19 @@ pub fn ingest(
     // metadata follows the source root's, as rsync's "SOURCE/" does.
     run.sync_meta(target.dir, &root_meta, true)
         .map_err(|e| store_error(".", e))?;
-    run.sync_xattrs(target.dir, Path::new(""), false)?;
+    match run.sync_xattrs(target.dir, &run.root, Path::new(""), Path::new(""), false) {
+        Ok(()) => {}
+        Err(IngestError::Source(p, e)) => run.entry_error(&p, &e),
+        Err(e) => return Err(e),
+    }
     let times = std::mem::take(&mut *run.dir_times.lock());
     for (ino, atime, mtime) in times {
+        match ns.getattr(ino) {
+            Ok(a) if a.rec.atime == atime && a.rec.mtime == mtime => continue,
+            Ok(_) => {}
+            Err(FsError::NotFound) => continue,
+            Err(e) => return Err(store_error(ns.describe(ino), e)),
+        }
         let set = SetAttr {
             atime: Some(Some(atime)),
             mtime: Some(Some(mtime)),
@@ -268,17 +319,134 @@ pub fn ingest(
     Ok(IngestReport { stats, errors })
 }
 
+/// A source directory held open. Its entries are reached relative to it (`*at` calls, or
+/// `/proc/self/fd/N/NAME` for the xattr calls, which have no `*at` form): either way only
+/// NAME is resolved, never a path a user could have redirected since the listing, and no
+/// call used follows a symlink at NAME.
+struct SourceDir {
+    fd: OwnedFd,
+    /// The directory as `/proc/self/fd/N` (listing, xattrs).
+    view: DirSource,
+}
+
+impl SourceDir {
+    fn open(path: &Path, follow: bool) -> io::Result<SourceDir> {
+        let mut flags = libc::O_DIRECTORY | libc::O_CLOEXEC;
+        if !follow {
+            flags |= libc::O_NOFOLLOW;
+        }
+        let fd: OwnedFd = OpenOptions::new()
+            .read(true)
+            .custom_flags(flags)
+            .open(path)?
+            .into();
+        Ok(SourceDir::from_fd(fd))
+    }
+
+    fn from_fd(fd: OwnedFd) -> SourceDir {
+        let view = DirSource::new(PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd())));
+        SourceDir { fd, view }
+    }
+
+    fn view_path(&self, name: &OsStr) -> PathBuf {
+        Path::new(&format!("/proc/self/fd/{}", self.fd.as_raw_fd())).join(name)
+    }
+
+    fn open_at(&self, name: &OsStr, flags: libc::c_int) -> io::Result<OwnedFd> {
+        let c = cname(name)?;
+        // SAFETY: a directory descriptor we own and a NUL-terminated name.
+        let fd = unsafe { libc::openat(self.fd.as_raw_fd(), c.as_ptr(), flags | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: openat just returned this descriptor, owned by nothing else.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    fn subdir(&self, name: &OsStr) -> io::Result<SourceDir> {
+        let fd = self.open_at(name, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW)?;
+        Ok(SourceDir::from_fd(fd))
+    }
+
+    /// lstat of an entry.
+    fn stat(&self, name: &OsStr) -> io::Result<SourceMeta> {
+        let c = cname(name)?;
+        // SAFETY: an all-zero stat is a valid value for fstatat to overwrite.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: a directory descriptor we own, a NUL-terminated name, a stat to fill.
+        let rc = unsafe {
+            libc::fstatat(
+                self.fd.as_raw_fd(),
+                c.as_ptr(),
+                &mut st,
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(SourceMeta {
+            kind: crate::restore::kind_of(st.st_mode),
+            perm: st.st_mode & 0o7777,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            size: st.st_size as u64,
+            atime_ns: st.st_atime * 1_000_000_000 + st.st_atime_nsec,
+            mtime_ns: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec,
+            ino: st.st_ino,
+            nlink: u32::try_from(st.st_nlink).unwrap_or(u32::MAX),
+            rdev: st.st_rdev,
+        })
+    }
+
+    fn read_link(&self, name: &OsStr) -> io::Result<Vec<u8>> {
+        let c = cname(name)?;
+        let mut buf = vec![0u8; libc::PATH_MAX as usize];
+        // SAFETY: a directory descriptor we own, a NUL-terminated name, a buffer of its length.
+        let n = unsafe {
+            libc::readlinkat(
+                self.fd.as_raw_fd(),
+                c.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        buf.truncate(n as usize);
+        Ok(buf)
+    }
+
+    /// Opens a regular file for reading, not following a symlink, not blocking on a FIFO
+    /// put in its place.
+    fn open_file(&self, name: &OsStr) -> io::Result<File> {
+        let fd = self.open_at(
+            name,
+            libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY,
+        )?;
+        Ok(File::from(fd))
+    }
+}
+
+fn cname(name: &OsStr) -> io::Result<std::ffi::CString> {
+    std::ffi::CString::new(name.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
 /// A unit of work: one directory's listing, or one file's content.
 enum Task {
     Dir {
         rel: PathBuf,
         ino: InodeNo,
+        /// The source directory is `name` in `parent`, or `parent` itself.
+        parent: Arc<SourceDir>,
+        name: Option<OsString>,
     },
     File {
         rel: PathBuf,
         dir: InodeNo,
+        src: Arc<SourceDir>,
         name: Vec<u8>,
-        meta: SourceMeta,
         /// The name exists (a changed file): write under a temp name and rename over it.
         replace: bool,
     },
@@ -353,6 +521,7 @@ fn concerns_one_entry(e: FsError) -> bool {
             | FsError::IsDir
             | FsError::NameTooLong
             | FsError::Invalid
+            | FsError::TooManyLinks
     )
 }
 
@@ -365,7 +534,13 @@ fn store_error(path: impl AsRef<OsStr>, err: FsError) -> IngestError {
 
 struct Run<'a> {
     ns: &'a Namespace,
-    source: DirSource,
+    /// The source root by its path (for its own stat and xattrs).
+    root: DirSource,
+    /// (device, inode) of directories left out.
+    skip: Vec<(u64, u64)>,
+    /// Temp names: unique to this run (`tmp_tag`) and to each file (`tmp_seq`).
+    tmp_tag: String,
+    tmp_seq: AtomicU64,
     container_root: InodeNo,
     work: Mutex<Work>,
     changed: Condvar,
@@ -402,24 +577,37 @@ impl Run<'_> {
                     self.changed.wait(&mut work);
                 }
             };
-            let (rel, result) = match task {
-                Task::Dir { rel, ino } => {
-                    let r = self.sync_dir(&rel, ino);
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match task {
+                Task::Dir {
+                    rel,
+                    ino,
+                    parent,
+                    name,
+                } => {
+                    let r = self.sync_dir(&rel, ino, &parent, name.as_deref());
                     (rel, r)
                 }
                 Task::File {
                     rel,
                     dir,
+                    src,
                     name,
-                    meta,
                     replace,
                 } => {
-                    let r = self.write_file(&rel, dir, &name, &meta, replace, &mut buf);
+                    let r = self.write_file(&rel, dir, &src, &name, replace, &mut buf);
                     (rel, r)
                 }
-            };
-            if let Err(failure) = result {
-                self.fail(&rel, failure);
+            }));
+            match outcome {
+                Ok((_, Ok(()))) => {}
+                Ok((rel, Err(failure))) => self.fail(&rel, failure),
+                Err(_) => {
+                    // Counted down below all the same, so the others do not wait forever.
+                    self.failure
+                        .lock()
+                        .get_or_insert(IngestError::Internal("a worker panicked".into()));
+                    self.stop();
+                }
             }
             let mut work = self.work.lock();
             work.busy -= 1;
@@ -459,14 +647,30 @@ impl Run<'_> {
     /// Brings the directory `dir` in line with the source directory `rel`: removes what the
     /// source lacks, creates or updates directories, symlinks and special files, and queues
     /// the files whose content must be written.
-    fn sync_dir(&self, rel: &Path, dir: InodeNo) -> Result<(), Failure> {
+    fn sync_dir(
+        &self,
+        rel: &Path,
+        dir: InodeNo,
+        parent: &Arc<SourceDir>,
+        name: Option<&OsStr>,
+    ) -> Result<(), Failure> {
         let ns = self.ns;
-        let names = self.source.read_dir(rel).map_err(Failure::Source)?;
+        let src = match name {
+            None => parent.clone(),
+            Some(n) => Arc::new(parent.subdir(n).map_err(Failure::Source)?),
+        };
+        let names = src.view.read_dir(Path::new("")).map_err(Failure::Source)?;
         let mut wanted: Vec<(Vec<u8>, SourceMeta)> = Vec::with_capacity(names.len());
         // Names whose source entry could not be looked at: their copies stay as they are.
         let mut keep: Vec<Vec<u8>> = Vec::new();
         for name in names {
-            match self.source.stat(&rel.join(&name)) {
+            match src.stat(&name) {
+                Ok(m) if m.kind == EntryKind::Dir && self.skipped(&src, &name, &m) => {
+                    tracing::info!(
+                        "ingest: {}: left out (this store)",
+                        rel.join(&name).display()
+                    );
+                }
                 Ok(m) => wanted.push((name.as_bytes().to_vec(), m)),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {} // vanished: gone
                 Err(e) => {
@@ -491,8 +695,17 @@ impl Run<'_> {
             .collect();
         gone.sort_by(|a, b| a.name.cmp(&b.name));
         for e in gone {
-            self.remove(dir, &e, &mut forget)?;
             existing.remove(&e.name);
+            match self.remove(dir, &e, &mut forget) {
+                Ok(()) => {}
+                Err(err) if concerns_one_entry(err) => {
+                    self.fail(&rel.join(OsStr::from_bytes(&e.name)), Failure::Store(err))
+                }
+                Err(err) => {
+                    ns.invalidate(&forget);
+                    return Err(Failure::Store(err));
+                }
+            }
         }
         for (name, meta) in wanted {
             let child = rel.join(OsStr::from_bytes(&name));
@@ -505,12 +718,14 @@ impl Run<'_> {
             }
             let current = existing.get(&name);
             let result = match meta.kind {
-                EntryKind::Dir => self.sync_subdir(&child, dir, &name, &meta, current, &mut forget),
+                EntryKind::Dir => {
+                    self.sync_subdir(&child, dir, &src, &name, &meta, current, &mut forget)
+                }
                 EntryKind::File => {
-                    self.queue_file(child.clone(), dir, name, meta, current, &mut forget)
+                    self.queue_file(child.clone(), dir, &src, name, meta, current, &mut forget)
                 }
                 EntryKind::Symlink => {
-                    self.sync_symlink(&child, dir, &name, &meta, current, &mut forget)
+                    self.sync_symlink(dir, &src, &name, &meta, current, &mut forget)
                 }
                 _ => self.sync_special(dir, &name, &meta, current, &mut forget),
             };
@@ -528,6 +743,14 @@ impl Run<'_> {
             ns.invalidate(&forget);
         }
         Ok(())
+    }
+
+    /// True for a directory of [`Run::skip`].
+    fn skipped(&self, src: &SourceDir, name: &OsStr, meta: &SourceMeta) -> bool {
+        self.skip.iter().any(|&(dev, ino)| {
+            ino == meta.ino
+                && std::fs::symlink_metadata(src.view_path(name)).is_ok_and(|m| m.dev() == dev)
+        })
     }
 
     /// Removes `e` from `dir`, a directory with everything in it.
@@ -553,10 +776,12 @@ impl Run<'_> {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn sync_subdir(
         &self,
         rel: &Path,
         dir: InodeNo,
+        src: &Arc<SourceDir>,
         name: &[u8],
         meta: &SourceMeta,
         current: Option<&DirEntry>,
@@ -588,24 +813,35 @@ impl Run<'_> {
                 a.ino
             }
         };
-        self.sync_xattrs(ino, rel, current.is_none_or(|e| e.kind != Kind::Dir))
-            .map_err(into_failure)?;
+        let fresh = current.is_none_or(|e| e.kind != Kind::Dir);
+        self.sync_xattrs(
+            ino,
+            &src.view,
+            Path::new(OsStr::from_bytes(name)),
+            rel,
+            fresh,
+        )
+        .map_err(into_failure)?;
         self.dir_times
             .lock()
             .push((ino, meta.atime_ns, meta.mtime_ns));
         self.push(Task::Dir {
             rel: rel.to_path_buf(),
             ino,
+            parent: src.clone(),
+            name: Some(OsStr::from_bytes(name).to_os_string()),
         });
         Ok(())
     }
 
     /// Leaves an unchanged file (same size and mtime) in place with its metadata brought up
     /// to date; queues any other for writing.
+    #[allow(clippy::too_many_arguments)]
     fn queue_file(
         &self,
         rel: PathBuf,
         dir: InodeNo,
+        src: &Arc<SourceDir>,
         name: Vec<u8>,
         meta: SourceMeta,
         current: Option<&DirEntry>,
@@ -614,12 +850,23 @@ impl Run<'_> {
         bump(&self.counts.files, 1);
         let replace = match current {
             Some(e) if e.kind == Kind::File => {
-                let a = self.ns.getattr(e.ino)?;
-                if a.rec.size == meta.size && a.rec.mtime == meta.mtime_ns {
+                let r = self.ns.getattr(e.ino)?.rec;
+                // A file with other links (outside the target, maybe) is replaced rather
+                // than changed in place when its owner or mode differ.
+                let shared_and_differs = r.nlink > 1
+                    && (r.uid != meta.uid || r.gid != meta.gid || u32::from(r.perm) != meta.perm);
+                if r.size == meta.size && r.mtime == meta.mtime_ns && !shared_and_differs {
                     if self.sync_meta(e.ino, &meta, false)? {
                         forget.push(Invalidation::Inode(e.ino));
                     }
-                    self.sync_xattrs(e.ino, &rel, false).map_err(into_failure)?;
+                    self.sync_xattrs(
+                        e.ino,
+                        &src.view,
+                        Path::new(OsStr::from_bytes(&name)),
+                        &rel,
+                        false,
+                    )
+                    .map_err(into_failure)?;
                     bump(&self.counts.unchanged, 1);
                     return Ok(());
                 }
@@ -634,8 +881,8 @@ impl Run<'_> {
         self.push(Task::File {
             rel,
             dir,
+            src: src.clone(),
             name,
-            meta,
             replace,
         });
         Ok(())
@@ -643,17 +890,18 @@ impl Run<'_> {
 
     /// Writes a file's content and metadata: under its name when it is new, under a temp
     /// name renamed over the old file when it replaces one.
+    #[allow(clippy::too_many_arguments)]
     fn write_file(
         &self,
         rel: &Path,
         dir: InodeNo,
+        src: &SourceDir,
         name: &[u8],
-        meta: &SourceMeta,
         replace: bool,
         buf: &mut [u8],
     ) -> Result<(), Failure> {
         let ns = self.ns;
-        let mut reader = match self.source.open(rel) {
+        let mut reader = match src.open_file(OsStr::from_bytes(name)) {
             Ok(r) => r,
             // Vanished since the listing: the old copy, if any, goes too.
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -673,27 +921,37 @@ impl Run<'_> {
             }
             Err(e) => return Err(Failure::Source(e)),
         };
-        let build = if replace {
-            tmp_name(name)
-        } else {
-            name.to_vec()
-        };
-        if replace {
-            match ns.unlink(dir, &build, Caller::ROOT) {
-                Ok(()) | Err(FsError::NotFound) => {}
-                Err(e) => return Err(e.into()),
-            }
+        // What was opened is what gets copied, with its own owner, mode and times (the
+        // entry may have been replaced since the listing).
+        let meta = source_meta(&reader.metadata().map_err(Failure::Source)?);
+        if meta.kind != EntryKind::File {
+            return Err(Failure::Source(io::Error::other(
+                "no longer a regular file; copied by the next run",
+            )));
         }
-        let ino = ns
-            .make_node(dir, &build, Kind::File, 0o600, 0, b"", Caller::ROOT)?
-            .ino;
+        let (build, ino) = if replace {
+            self.create_temp(dir, name)?
+        } else {
+            let ino = ns
+                .make_node(dir, name, Kind::File, 0o600, 0, b"", Caller::ROOT)?
+                .ino;
+            (name.to_vec(), ino)
+        };
+        let meta = &meta;
         let written = (|| {
             ns.open(ino)?;
             let copied = copy_data(ns, ino, &mut reader, buf);
             let released = ns.release(ino);
             let (size, written_end) = copied?;
             released?;
-            self.sync_xattrs(ino, rel, true).map_err(into_failure)?;
+            self.sync_xattrs(
+                ino,
+                &src.view,
+                Path::new(OsStr::from_bytes(name)),
+                rel,
+                true,
+            )
+            .map_err(into_failure)?;
             // The size is set only for a hole at the end: a setattr with a size truncates.
             self.set_file_meta(ino, meta, (size > written_end).then_some(size))?;
             if replace {
@@ -711,6 +969,28 @@ impl Run<'_> {
             Err(f) => {
                 let _ = ns.unlink(dir, &build, Caller::ROOT);
                 Err(f)
+            }
+        }
+    }
+
+    /// Creates an empty file under a temp name no other entry has: `.NAME.TAG-SEQ.` plus
+    /// [`TMP_SUFFIX`]. Never removes an existing entry (the source may hold any name).
+    fn create_temp(&self, dir: InodeNo, name: &[u8]) -> Result<(Vec<u8>, InodeNo), Failure> {
+        let keep = name.len().min(NAME_MAX - 2 - TMP_SUFFIX.len() - 2 * 17);
+        loop {
+            let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+            let mut t = Vec::with_capacity(NAME_MAX);
+            t.push(b'.');
+            t.extend_from_slice(&name[..keep]);
+            t.extend_from_slice(format!(".{}-{seq:x}", self.tmp_tag).as_bytes());
+            t.extend_from_slice(TMP_SUFFIX);
+            match self
+                .ns
+                .make_node(dir, &t, Kind::File, 0o600, 0, b"", Caller::ROOT)
+            {
+                Ok(a) => return Ok((t, a.ino)),
+                Err(FsError::Exists) => continue,
+                Err(e) => return Err(e.into()),
             }
         }
     }
@@ -745,16 +1025,18 @@ impl Run<'_> {
 
     fn sync_symlink(
         &self,
-        rel: &Path,
         dir: InodeNo,
+        src: &SourceDir,
         name: &[u8],
         meta: &SourceMeta,
         current: Option<&DirEntry>,
         forget: &mut Vec<Invalidation>,
     ) -> Result<(), Failure> {
         bump(&self.counts.symlinks, 1);
-        let target = self.source.read_link(rel).map_err(Failure::Source)?;
-        let target = target.as_os_str().as_bytes();
+        let target = src
+            .read_link(OsStr::from_bytes(name))
+            .map_err(Failure::Source)?;
+        let target = target.as_slice();
         if let Some(e) = current {
             if e.kind == Kind::Symlink && self.ns.readlink(e.ino)? == target {
                 if self.sync_meta(e.ino, meta, true)? {
@@ -841,13 +1123,19 @@ impl Run<'_> {
         Ok(true)
     }
 
-    /// Makes the xattrs of `ino` those of the source entry `rel`; `fresh` when `ino` was
-    /// just created (it has none).
-    fn sync_xattrs(&self, ino: InodeNo, rel: &Path, fresh: bool) -> Result<(), IngestError> {
+    /// Makes the xattrs of `ino` those of the source entry `entry` of `dir` (`rel` names it
+    /// in messages); `fresh` when `ino` was just created (it has none).
+    fn sync_xattrs(
+        &self,
+        ino: InodeNo,
+        dir: &DirSource,
+        entry: &Path,
+        rel: &Path,
+        fresh: bool,
+    ) -> Result<(), IngestError> {
         let ns = self.ns;
-        let wanted = self
-            .source
-            .xattrs(rel)
+        let wanted = dir
+            .xattrs(entry)
             .map_err(|e| IngestError::Source(rel.to_path_buf(), e))?;
         if fresh && wanted.is_empty() {
             return Ok(());
@@ -889,7 +1177,9 @@ fn into_failure(e: IngestError) -> Failure {
     match e {
         IngestError::Source(_, e) => Failure::Source(e),
         IngestError::Store { err, .. } => Failure::Store(err),
-        IngestError::Target(_) | IngestError::Cancelled => Failure::Store(FsError::Invalid),
+        IngestError::Target(_) | IngestError::Cancelled | IngestError::Internal(_) => {
+            Failure::Store(FsError::Invalid)
+        }
     }
 }
 
@@ -946,32 +1236,10 @@ fn fill(reader: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
     Ok(n)
 }
 
-/// `.NAME.dedupfs-ingest.tmp`, NAME cut so that the whole fits NAME_MAX.
-fn tmp_name(name: &[u8]) -> Vec<u8> {
-    let keep = name.len().min(NAME_MAX - 1 - TMP_SUFFIX.len());
-    let mut t = Vec::with_capacity(NAME_MAX);
-    t.push(b'.');
-    t.extend_from_slice(&name[..keep]);
-    t.extend_from_slice(TMP_SUFFIX);
-    t
-}
-
 fn display_rel(rel: &Path) -> String {
     if rel.as_os_str().is_empty() {
         ".".into()
     } else {
         rel.display().to_string()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tmp_names_fit_name_max() {
-        assert_eq!(tmp_name(b"a"), b".a.dedupfs-ingest.tmp".to_vec());
-        let long = vec![b'x'; NAME_MAX];
-        assert_eq!(tmp_name(&long).len(), NAME_MAX);
     }
 }

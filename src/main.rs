@@ -370,11 +370,13 @@ fn ingest(
         .next()
         .unwrap_or_default()
         .to_string();
-    // Copying the store, or its own mount, into itself would never end.
+    // Copying the store, or its own mount, into itself would never end: refuse a source
+    // inside either, leave them out of a source that holds them.
     let store_dir = std::fs::canonicalize(store)?;
     let mountpoint = dedupfs::store::mounted_at(store);
-    for inside in std::iter::once(store_dir).chain(mountpoint) {
-        if source.starts_with(&inside) {
+    let skip: Vec<PathBuf> = std::iter::once(store_dir).chain(mountpoint).collect();
+    for inside in &skip {
+        if source.starts_with(inside) {
             bail!(
                 "{}: inside {}, which holds this store",
                 source.display(),
@@ -403,6 +405,7 @@ fn ingest(
         source: source.clone(),
         target: target.to_string(),
         jobs,
+        skip: skip.clone(),
     };
     let value = match control::call_with_progress(store, op, &mut |v| {
         if let Ok(p) = serde_json::from_value(v.clone()) {
@@ -420,7 +423,7 @@ fn ingest(
             let ns = Namespace::new(opened, budget.chunk_cache())
                 .map_err(|e| anyhow!("{}: {e}", store.display()))?;
             ns.set_pending_budget(budget.pending_writes() as usize);
-            let result = control::run_ingest(&ns, &source, target, jobs, &mut show);
+            let result = control::run_ingest(&ns, &source, target, jobs, &skip, &mut show);
             ns.shutdown()
                 .map_err(|e| anyhow!("{}: closing: {e}", store.display()))?;
             result.map_err(|e| anyhow!(e))?

@@ -104,6 +104,22 @@ pub struct SourceMeta {
     pub rdev: u64,
 }
 
+/// What a stat of a real file says, as a [`SourceMeta`].
+pub fn source_meta(m: &fs::Metadata) -> SourceMeta {
+    SourceMeta {
+        kind: kind_of(m.mode()),
+        perm: m.mode() & 0o7777,
+        uid: m.uid(),
+        gid: m.gid(),
+        size: m.size(),
+        atime_ns: m.atime() * 1_000_000_000 + m.atime_nsec(),
+        mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+        ino: m.ino(),
+        nlink: u32::try_from(m.nlink()).unwrap_or(u32::MAX),
+        rdev: m.rdev(),
+    }
+}
+
 /// A plain directory as a source (a snapshot seen through a mount, or any tree).
 pub struct DirSource {
     root: PathBuf,
@@ -126,19 +142,7 @@ impl DirSource {
 
 impl Source for DirSource {
     fn stat(&self, rel: &Path) -> io::Result<SourceMeta> {
-        let m = fs::symlink_metadata(self.path(rel))?;
-        Ok(SourceMeta {
-            kind: kind_of(m.mode()),
-            perm: m.mode() & 0o7777,
-            uid: m.uid(),
-            gid: m.gid(),
-            size: m.size(),
-            atime_ns: m.atime() * 1_000_000_000 + m.atime_nsec(),
-            mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
-            ino: m.ino(),
-            nlink: u32::try_from(m.nlink()).unwrap_or(u32::MAX),
-            rdev: m.rdev(),
-        })
+        Ok(source_meta(&fs::symlink_metadata(self.path(rel))?))
     }
 
     fn read_dir(&self, rel: &Path) -> io::Result<Vec<OsString>> {
@@ -1060,7 +1064,7 @@ fn is_zero(block: &[u8]) -> bool {
 }
 
 /// The kind from `st_mode` bits.
-fn kind_of(mode: u32) -> EntryKind {
+pub(crate) fn kind_of(mode: u32) -> EntryKind {
     match mode & libc::S_IFMT {
         libc::S_IFDIR => EntryKind::Dir,
         libc::S_IFLNK => EntryKind::Symlink,

@@ -40,7 +40,7 @@ impl Fixture {
 
     fn ingest(&self, target: &str, jobs: usize) -> IngestReport {
         let t = ingest::resolve_target(&self.ns, target).expect("target");
-        ingest::ingest(&self.ns, &self.src(), t, jobs, &mut |_| true).expect("ingest")
+        ingest::ingest(&self.ns, &self.src(), t, jobs, &[], &mut |_| true).expect("ingest")
     }
 
     fn dir(&self, path: &str) -> InodeNo {
@@ -312,6 +312,9 @@ fn build_source(src: &Path) {
     set_xattr(&src.join("suid"), "user.gone", b"soon");
     std::fs::write(src.join("ro/inside"), b"x").unwrap();
     std::fs::set_permissions(src.join("ro"), std::fs::Permissions::from_mode(0o555)).unwrap();
+    // Names like the ingest's own temp names are ordinary names to it.
+    std::fs::write(src.join(".small.dedupfs-ingest.tmp"), b"mine").unwrap();
+    std::fs::create_dir(src.join(".small.1-0.dedupfs-ingest.tmp")).unwrap();
     set_mtime(&src.join("link"), 1_000_000_000);
     set_mtime(&src.join("a/b"), 1_500_000_000);
     set_mtime(&src.join("a"), 1_600_000_000);
@@ -325,7 +328,7 @@ fn mirrors_a_tree_then_its_changes() {
     let first = f.ingest("c", 3);
     assert_eq!(first.errors, Vec::<String>::new());
     let s = &first.stats;
-    assert_eq!((s.files, s.written, s.unchanged), (307, 307, 0), "{s:?}");
+    assert_eq!((s.files, s.written, s.unchanged), (308, 308, 0), "{s:?}");
     assert_eq!((s.symlinks, s.specials, s.removed), (2, 1, 0), "{s:?}");
     assert_mirrors(&f, "c");
     // The sparse file's holes stay holes.
@@ -339,7 +342,7 @@ fn mirrors_a_tree_then_its_changes() {
 
     // Nothing changed: nothing written, the container stays equal.
     let again = f.ingest("c", 2);
-    assert_eq!((again.stats.written, again.stats.unchanged), (0, 307));
+    assert_eq!((again.stats.written, again.stats.unchanged), (0, 308));
     assert_mirrors(&f, "c");
 
     // Every kind of change.
@@ -378,7 +381,7 @@ fn ingests_into_a_path_and_reports_what_it_cannot_copy() {
     std::fs::write(src.join("kept"), b"k").unwrap();
     // Into the container root, ".snapshots" is reserved: reported, the rest copied.
     let t = ingest::resolve_target(&f.ns, "c").unwrap();
-    let r = ingest::ingest(&f.ns, &src, t, 2, &mut |_| true).unwrap();
+    let r = ingest::ingest(&f.ns, &src, t, 2, &[], &mut |_| true).unwrap();
     assert_eq!(r.stats.errors, 1);
     assert!(
         r.errors[0].contains(".snapshots") && r.errors[0].contains("reserved"),
@@ -411,7 +414,7 @@ fn a_cancelled_ingest_leaves_a_consistent_store_and_a_rerun_finishes() {
         }
     }
     let t = ingest::resolve_target(&f.ns, "c").unwrap();
-    let err = ingest::ingest(&f.ns, &src, t, 2, &mut |_| false);
+    let err = ingest::ingest(&f.ns, &src, t, 2, &[], &mut |_| false);
     assert!(
         matches!(err, Err(ingest::IngestError::Cancelled)),
         "{err:?}"

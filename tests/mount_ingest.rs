@@ -80,6 +80,15 @@ fn ingest_by_the_mount_shows_through_the_mount() {
     let out = ok(run(&m.store, &["ingest", src.to_str().unwrap(), "c/copy"]));
     assert!(out.contains("0 written, 3 unchanged"), "{out}");
 
+    // A source holding the store and its mount: both are left out.
+    let out = ok(run(
+        &m.store,
+        &["ingest", m.dir.path().to_str().unwrap(), "c/all"],
+    ));
+    assert!(out.contains("ingested"), "{out}");
+    assert!(m.c().join("all/src/sub/deep").exists());
+    assert!(!m.c().join("all/store").exists() && !m.c().join("all/mnt").exists());
+
     // Without a mount, the store is opened directly.
     m.unmount();
     std::fs::write(src.join("offline"), b"written while unmounted").unwrap();
@@ -133,5 +142,83 @@ fn ingest_refuses_bad_input_in_one_line() {
     );
     assert!(m.c().join("f").exists());
     assert!(!m.c().join(".snapshots/s").exists());
+    m.finish();
+}
+
+/// Every regular file under `root`, relative path -> content.
+fn files_under(root: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let p = e.path();
+            if e.file_type().unwrap().is_dir() {
+                stack.push(p);
+            } else {
+                let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+                out.insert(rel, std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn sigkill_during_an_ingest_leaves_a_clean_store_and_a_rerun_completes() {
+    let mut m = Mounted::new();
+    let src = m.dir.path().join("src");
+    // Enough work that the kill lands mid-way: many small files and a few large ones.
+    let mut x = 0x1234_5678_9abc_def0u64;
+    let mut noise = |n: usize| -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    };
+    for d in 0..40 {
+        let dir = src.join(format!("d{d:02}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for i in 0..100 {
+            std::fs::write(dir.join(format!("f{i:03}")), noise(2000 + i * 37)).unwrap();
+        }
+    }
+    for i in 0..4 {
+        std::fs::write(src.join(format!("big{i}")), noise(24 << 20)).unwrap();
+    }
+    let pid = m.daemon_pid().expect("daemon pid");
+    let mut child = std::process::Command::new(common::BIN)
+        .args(["ingest", src.to_str().unwrap(), "c", "--store"])
+        .arg(&m.store)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    // SAFETY: plain syscall on the daemon's pid, read from the store's lock file.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let status = child.wait().unwrap();
+    assert!(
+        !status.success(),
+        "the ingest finished before the kill: make it bigger"
+    );
+    m.forget_killed_mount();
+    for _ in 0..400 {
+        if !dedupfs::store::is_locked(&m.store) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    m.fsck_clean();
+    m.mount();
+    ok(run(&m.store, &["ingest", src.to_str().unwrap(), "c"]));
+    assert!(
+        files_under(&m.c()) == files_under(&src),
+        "the rerun did not complete the mirror"
+    );
     m.finish();
 }
