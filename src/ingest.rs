@@ -290,7 +290,14 @@ pub fn ingest(
     // metadata follows the source root's, as rsync's "SOURCE/" does.
     run.sync_meta(target.dir, &root_meta, true)
         .map_err(|e| store_error(".", e))?;
-    match run.sync_xattrs(target.dir, &run.root, Path::new(""), Path::new(""), false) {
+    match run.sync_xattrs(
+        target.dir,
+        &run.root,
+        Path::new(""),
+        Path::new(""),
+        false,
+        None,
+    ) {
         Ok(()) => {}
         Err(IngestError::Source(p, e)) => run.entry_error(&p, &e),
         Err(e) => return Err(e),
@@ -397,6 +404,37 @@ impl SourceDir {
             nlink: u32::try_from(st.st_nlink).unwrap_or(u32::MAX),
             rdev: st.st_rdev,
         })
+    }
+
+    /// True when the entry surely has no xattrs: listxattrat(2) (Linux 6.13) says so
+    /// without the path walk through /proc that [`DirSource::xattrs`] costs. False when
+    /// it has some, or when the kernel lacks the call.
+    fn has_no_xattrs(&self, name: &OsStr) -> bool {
+        /// listxattrat's number on x86_64 and aarch64 (the generic table).
+        const SYS_LISTXATTRAT: libc::c_long = 465;
+        static MISSING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if MISSING.load(Ordering::Relaxed) {
+            return false;
+        }
+        let Ok(c) = cname(name) else {
+            return false;
+        };
+        // SAFETY: a directory descriptor we own, a NUL-terminated name; a null list of
+        // size 0 asks only for the size of the list.
+        let n = unsafe {
+            libc::syscall(
+                SYS_LISTXATTRAT,
+                self.fd.as_raw_fd(),
+                c.as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW as libc::c_uint,
+                std::ptr::null_mut::<libc::c_char>(),
+                0usize,
+            )
+        };
+        if n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+            MISSING.store(true, Ordering::Relaxed);
+        }
+        n == 0
     }
 
     fn read_link(&self, name: &OsStr) -> io::Result<Vec<u8>> {
@@ -820,6 +858,7 @@ impl Run<'_> {
             Path::new(OsStr::from_bytes(name)),
             rel,
             fresh,
+            Some(src),
         )
         .map_err(into_failure)?;
         self.dir_times
@@ -856,7 +895,7 @@ impl Run<'_> {
                 let shared_and_differs = r.nlink > 1
                     && (r.uid != meta.uid || r.gid != meta.gid || u32::from(r.perm) != meta.perm);
                 if r.size == meta.size && r.mtime == meta.mtime_ns && !shared_and_differs {
-                    if self.sync_meta(e.ino, &meta, false)? {
+                    if self.sync_meta_of(e.ino, &r, &meta, false)? {
                         forget.push(Invalidation::Inode(e.ino));
                     }
                     self.sync_xattrs(
@@ -865,6 +904,7 @@ impl Run<'_> {
                         Path::new(OsStr::from_bytes(&name)),
                         &rel,
                         false,
+                        Some(src),
                     )
                     .map_err(into_failure)?;
                     bump(&self.counts.unchanged, 1);
@@ -950,6 +990,7 @@ impl Run<'_> {
                 Path::new(OsStr::from_bytes(name)),
                 rel,
                 true,
+                Some(src),
             )
             .map_err(into_failure)?;
             // The size is set only for a hole at the end: a setattr with a size truncates.
@@ -1091,6 +1132,17 @@ impl Run<'_> {
     /// from the source's. True when something changed.
     fn sync_meta(&self, ino: InodeNo, meta: &SourceMeta, times: bool) -> Result<bool, FsError> {
         let rec = self.ns.getattr(ino)?.rec;
+        self.sync_meta_of(ino, &rec, meta, times)
+    }
+
+    /// [`Run::sync_meta`] when the inode's record `rec` is at hand.
+    fn sync_meta_of(
+        &self,
+        ino: InodeNo,
+        rec: &crate::format::InodeRecord,
+        meta: &SourceMeta,
+        times: bool,
+    ) -> Result<bool, FsError> {
         let mut set = SetAttr::default();
         if rec.uid != meta.uid {
             set.uid = Some(meta.uid);
@@ -1132,11 +1184,16 @@ impl Run<'_> {
         entry: &Path,
         rel: &Path,
         fresh: bool,
+        quick: Option<&SourceDir>,
     ) -> Result<(), IngestError> {
         let ns = self.ns;
-        let wanted = dir
-            .xattrs(entry)
-            .map_err(|e| IngestError::Source(rel.to_path_buf(), e))?;
+        let none = quick.is_some_and(|d| d.has_no_xattrs(entry.as_os_str()));
+        let wanted = if none {
+            Vec::new()
+        } else {
+            dir.xattrs(entry)
+                .map_err(|e| IngestError::Source(rel.to_path_buf(), e))?
+        };
         if fresh && wanted.is_empty() {
             return Ok(());
         }
