@@ -45,10 +45,11 @@ use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::format::Kind;
+use crate::format::{InodeRecord, Kind};
 use crate::ids::InodeNo;
+use crate::kv::Cursor;
 use crate::namespace::{
-    Caller, DirEntry, FsError, Invalidation, Namespace, SetAttr, SNAPSHOTS_DIR,
+    Caller, DirEntry, FsError, FsResult, Invalidation, Namespace, SetAttr, SNAPSHOTS_DIR,
 };
 use crate::restore::{source_meta, DirSource, EntryKind, Source, SourceMeta};
 
@@ -297,6 +298,7 @@ pub fn ingest(
         Path::new(""),
         false,
         None,
+        None,
     ) {
         Ok(()) => {}
         Err(IngestError::Source(p, e)) => run.entry_error(&p, &e),
@@ -469,6 +471,15 @@ impl SourceDir {
 
 fn cname(name: &OsStr) -> io::Result<std::ffi::CString> {
     std::ffi::CString::new(name.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// A regular file of a source listing, with the record of the copy it may replace.
+struct ListedFile {
+    rel: PathBuf,
+    dir: InodeNo,
+    name: Vec<u8>,
+    meta: SourceMeta,
+    record: Option<FsResult<InodeRecord>>,
 }
 
 /// A unit of work: one directory's listing, or one file's content.
@@ -745,6 +756,21 @@ impl Run<'_> {
                 }
             }
         }
+        // Files the quick check may find unchanged: their records read with one cursor, and
+        // one cursor for their xattr records (creating an iterator per lookup is most of
+        // its cost).
+        let file_inos: Vec<InodeNo> = wanted
+            .iter()
+            .filter(|(_, m)| m.kind == EntryKind::File)
+            .filter_map(|(n, _)| existing.get(n).filter(|e| e.kind == Kind::File))
+            .map(|e| e.ino)
+            .collect();
+        let mut records: std::collections::HashMap<InodeNo, FsResult<InodeRecord>> = file_inos
+            .iter()
+            .copied()
+            .zip(ns.inodes_live(&file_inos))
+            .collect();
+        let mut xattr_cursor = ns.xattr_cursor();
         for (name, meta) in wanted {
             let child = rel.join(OsStr::from_bytes(&name));
             if dir == self.container_root && name == SNAPSHOTS_DIR {
@@ -760,7 +786,15 @@ impl Run<'_> {
                     self.sync_subdir(&child, dir, &src, &name, &meta, current, &mut forget)
                 }
                 EntryKind::File => {
-                    self.queue_file(child.clone(), dir, &src, name, meta, current, &mut forget)
+                    let record = current.and_then(|e| records.remove(&e.ino));
+                    let file = ListedFile {
+                        rel: child.clone(),
+                        dir,
+                        name,
+                        meta,
+                        record,
+                    };
+                    self.queue_file(file, &src, current, &mut forget, &mut xattr_cursor)
                 }
                 EntryKind::Symlink => {
                     self.sync_symlink(dir, &src, &name, &meta, current, &mut forget)
@@ -859,6 +893,7 @@ impl Run<'_> {
             rel,
             fresh,
             Some(src),
+            None,
         )
         .map_err(into_failure)?;
         self.dir_times
@@ -875,21 +910,28 @@ impl Run<'_> {
 
     /// Leaves an unchanged file (same size and mtime) in place with its metadata brought up
     /// to date; queues any other for writing.
-    #[allow(clippy::too_many_arguments)]
     fn queue_file(
         &self,
-        rel: PathBuf,
-        dir: InodeNo,
+        file: ListedFile,
         src: &Arc<SourceDir>,
-        name: Vec<u8>,
-        meta: SourceMeta,
         current: Option<&DirEntry>,
         forget: &mut Vec<Invalidation>,
+        xattr_cursor: &mut Cursor<'_>,
     ) -> Result<(), Failure> {
+        let ListedFile {
+            rel,
+            dir,
+            name,
+            meta,
+            record,
+        } = file;
         bump(&self.counts.files, 1);
         let replace = match current {
             Some(e) if e.kind == Kind::File => {
-                let r = self.ns.getattr(e.ino)?.rec;
+                let r = match record {
+                    Some(r) => r?,
+                    None => self.ns.getattr(e.ino)?.rec,
+                };
                 // A file with other links (outside the target, maybe) is replaced rather
                 // than changed in place when its owner or mode differ.
                 let shared_and_differs = r.nlink > 1
@@ -905,6 +947,7 @@ impl Run<'_> {
                         &rel,
                         false,
                         Some(src),
+                        Some(xattr_cursor),
                     )
                     .map_err(into_failure)?;
                     bump(&self.counts.unchanged, 1);
@@ -991,6 +1034,7 @@ impl Run<'_> {
                 rel,
                 true,
                 Some(src),
+                None,
             )
             .map_err(into_failure)?;
             // The size is set only for a hole at the end: a setattr with a size truncates.
@@ -1185,6 +1229,7 @@ impl Run<'_> {
         rel: &Path,
         fresh: bool,
         quick: Option<&SourceDir>,
+        cursor: Option<&mut Cursor<'_>>,
     ) -> Result<(), IngestError> {
         let ns = self.ns;
         let none = quick.is_some_and(|d| d.has_no_xattrs(entry.as_os_str()));
@@ -1198,10 +1243,10 @@ impl Run<'_> {
             return Ok(());
         }
         let err = |e| store_error(display_rel(rel), e);
-        let listed = if fresh {
-            Vec::new()
-        } else {
-            ns.listxattr(ino).map_err(err)?
+        let listed = match (fresh, cursor) {
+            (true, _) => Vec::new(),
+            (false, Some(c)) => ns.live_xattr_names(c, ino).map_err(err)?,
+            (false, None) => ns.listxattr(ino).map_err(err)?,
         };
         let mut changed = false;
         for name in listed.split(|&b| b == 0).filter(|n| !n.is_empty()) {

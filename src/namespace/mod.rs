@@ -906,6 +906,40 @@ impl Namespace {
         }
     }
 
+    /// Live records of many inodes, in the order of `inos`, read with one cursor (see
+    /// [`Kv::cursor`]): a directory's worth of lookups for the price of a few. An inode open
+    /// with pending writes, or of a snapshot view, is read as [`Namespace::getattr`] does.
+    pub(crate) fn inodes_live(&self, inos: &[InodeNo]) -> Vec<FsResult<InodeRecord>> {
+        let mut cursor = self.kv.cursor(Cf::Inode);
+        inos.iter()
+            .map(|&ino| {
+                if is_snapshot_ino(ino) || self.open_file(ino).is_some() {
+                    return self.getattr(ino).map(|a| a.rec);
+                }
+                let prefix = key::inode_prefix(ino);
+                let mut newest: Option<Vec<u8>> = None;
+                cursor.scan(&prefix, &prefix, |k, v| {
+                    // Versions newest first; longer keys belong to other objects.
+                    if k.len() != prefix.len() + 8 || key::split_versioned(k).is_none() {
+                        return true;
+                    }
+                    newest = (!format::is_tombstone(v)).then(|| v.to_vec());
+                    false
+                })?;
+                let v = newest.ok_or(FsError::NotFound)?;
+                InodeRecord::decode(&v).ok_or_else(|| {
+                    tracing::error!("{ino}: inode record does not decode");
+                    FsError::Io
+                })
+            })
+            .collect()
+    }
+
+    /// A cursor over the xattr records, for [`Namespace::live_xattr_names`].
+    pub(crate) fn xattr_cursor(&self) -> crate::kv::Cursor<'_> {
+        self.kv.cursor(Cf::Xattr)
+    }
+
     /// The inode's stored record, or ENOENT.
     pub(crate) fn inode(&self, ino: InodeNo) -> FsResult<InodeRecord> {
         self.read_inode(ino)?

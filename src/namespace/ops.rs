@@ -785,26 +785,28 @@ impl Namespace {
             View::SnapshotsDir(_) => return Ok(Vec::new()),
             View::Snapshot(id, inner) => (inner, Some(self.snapshot_epoch(id)?)),
         };
-        let mut out = Vec::new();
-        let mut last: Option<Vec<u8>> = None;
+        let mut names = XattrNames::new(at);
         for item in self.kv.scan_prefix(Cf::Xattr, &key::inode_prefix(ino)) {
             let (k, v) = item?;
-            let Some((_, name, birth)) = key::parse_named(&k) else {
-                continue;
-            };
-            if at.is_some_and(|e| birth > e) {
-                continue;
-            }
-            if last.as_deref() == Some(name) {
-                continue;
-            }
-            last = Some(name.to_vec());
-            if !format::is_tombstone(&v) {
-                out.extend_from_slice(name);
-                out.push(0);
-            }
+            names.add(&k, &v);
         }
-        Ok(out)
+        Ok(names.out)
+    }
+
+    /// The names [`Namespace::listxattr`] gives for a live inode, read with `cursor` (see
+    /// [`Namespace::xattr_cursor`]), without checking that the inode exists.
+    pub(crate) fn live_xattr_names(
+        &self,
+        cursor: &mut crate::kv::Cursor<'_>,
+        ino: InodeNo,
+    ) -> FsResult<Vec<u8>> {
+        let prefix = key::inode_prefix(ino);
+        let mut names = XattrNames::new(None);
+        cursor.scan(&prefix, &prefix, |k, v| {
+            names.add(k, v);
+            true
+        })?;
+        Ok(names.out)
     }
 
     pub fn removexattr(&self, ino: InodeNo, name: &[u8], caller: Caller) -> FsResult<()> {
@@ -951,6 +953,38 @@ pub(crate) fn xattr_value(ino: InodeNo, name: &[u8], stored: &[u8]) -> FsResult<
                 String::from_utf8_lossy(name)
             );
             Err(FsError::Io)
+        }
+    }
+}
+
+/// Collects xattr names, NUL-terminated, from an inode's xattr records in key order (each
+/// name's versions adjacent, newest first): the newest version at or before `at` counts.
+struct XattrNames {
+    at: Option<Epoch>,
+    last: Option<Vec<u8>>,
+    out: Vec<u8>,
+}
+
+impl XattrNames {
+    fn new(at: Option<Epoch>) -> XattrNames {
+        XattrNames {
+            at,
+            last: None,
+            out: Vec::new(),
+        }
+    }
+
+    fn add(&mut self, k: &[u8], v: &[u8]) {
+        let Some((_, name, birth)) = key::parse_named(k) else {
+            return;
+        };
+        if self.at.is_some_and(|e| birth > e) || self.last.as_deref() == Some(name) {
+            return;
+        }
+        self.last = Some(name.to_vec());
+        if !format::is_tombstone(v) {
+            self.out.extend_from_slice(name);
+            self.out.push(0);
         }
     }
 }
