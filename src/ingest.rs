@@ -1221,6 +1221,7 @@ impl Run<'_> {
 
     /// Makes the xattrs of `ino` those of the source entry `entry` of `dir` (`rel` names it
     /// in messages); `fresh` when `ino` was just created (it has none).
+    #[allow(clippy::too_many_arguments)]
     fn sync_xattrs(
         &self,
         ino: InodeNo,
