@@ -51,7 +51,7 @@ use crate::kv::Cursor;
 use crate::namespace::{
     Caller, DirEntry, FsError, FsResult, Invalidation, Namespace, SetAttr, SNAPSHOTS_DIR,
 };
-use crate::restore::{source_meta, DirSource, EntryKind, Source, SourceMeta};
+use crate::restore::{fill, source_meta, DirSource, EntryKind, Source, SourceMeta};
 
 /// Bytes read from a source file at a time.
 const READ_BUF: usize = 1 << 20;
@@ -1323,20 +1323,6 @@ fn copy_data(
         }
         offset += n as u64;
     }
-}
-
-/// Reads until `buf` is full or the end of the file.
-fn fill(reader: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match reader.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }
 
 fn display_rel(rel: &Path) -> String {

@@ -1076,7 +1076,8 @@ pub(crate) fn kind_of(mode: u32) -> EntryKind {
     }
 }
 
-fn fill(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
+/// Reads until `buf` is full or the end of the input; returns the bytes read.
+pub(crate) fn fill(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
         match r.read(&mut buf[n..]) {

@@ -7,24 +7,8 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::Output;
 
-use common::{dedupfs, is_mounted, ok, Mounted};
+use common::{dedupfs, is_mounted, ok, refused, run, Mounted};
 use serde_json::Value;
-
-fn run(store: &Path, args: &[&str]) -> Output {
-    let mut all: Vec<std::ffi::OsString> = args.iter().map(|a| a.into()).collect();
-    all.push("--store".into());
-    all.push(store.into());
-    dedupfs(all)
-}
-
-/// Asserts a one-line error naming `needle`, and a non-zero exit.
-fn refused(out: Output, needle: &str) {
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "expected failure for {needle:?}");
-    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
-    assert!(err.contains(needle), "{err:?} should mention {needle:?}");
-    assert!(!err.contains("panicked"), "{err}");
-}
 
 fn errno_of(r: std::io::Result<impl Sized>) -> Option<i32> {
     r.err().and_then(|e| e.raw_os_error())

@@ -6,25 +6,8 @@ mod common;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::process::Output;
 
-use common::{dedupfs, ok, Mounted};
-
-fn run(store: &Path, args: &[&str]) -> Output {
-    let mut all: Vec<std::ffi::OsString> = args.iter().map(|a| a.into()).collect();
-    all.push("--store".into());
-    all.push(store.into());
-    dedupfs(all)
-}
-
-/// Asserts a one-line error naming `needle`, and a non-zero exit.
-fn refused(out: Output, needle: &str) {
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "expected failure for {needle:?}");
-    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
-    assert!(err.contains(needle), "{err:?} should mention {needle:?}");
-    assert!(!err.contains("panicked"), "{err}");
-}
+use common::{ok, refused, run, Mounted};
 
 fn set_mtime(p: &Path, secs: i64) {
     let f = std::fs::File::options().write(true).open(p).unwrap();
@@ -188,7 +171,7 @@ fn sigkill_during_an_ingest_leaves_a_clean_store_and_a_rerun_completes() {
         }
     }
     for i in 0..4 {
-        std::fs::write(src.join(format!("big{i}")), noise(24 << 20)).unwrap();
+        std::fs::write(src.join(format!("big{i}")), noise(48 << 20)).unwrap();
     }
     let pid = m.daemon_pid().expect("daemon pid");
     let mut child = std::process::Command::new(common::BIN)
@@ -198,7 +181,20 @@ fn sigkill_during_an_ingest_leaves_a_clean_store_and_a_rerun_completes() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(700));
+    // Kill as soon as the mount shows the first directory the ingest made: the files, and
+    // the large ones' chunks, are still to come then.
+    let started = std::time::Instant::now();
+    loop {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the ingest ended before it showed anything"
+        );
+        if std::fs::read_dir(m.c()).unwrap().next().is_some() {
+            break;
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(60));
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
     // SAFETY: plain syscall on the daemon's pid, read from the store's lock file.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
     let status = child.wait().unwrap();

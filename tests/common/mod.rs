@@ -27,6 +27,23 @@ pub fn ok(out: Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Runs `dedupfs ARGS --store STORE`.
+pub fn run(store: &Path, args: &[&str]) -> Output {
+    let mut all: Vec<std::ffi::OsString> = args.iter().map(|a| a.into()).collect();
+    all.push("--store".into());
+    all.push(store.into());
+    dedupfs(all)
+}
+
+/// Asserts a one-line error naming `needle`, and a non-zero exit.
+pub fn refused(out: Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "expected failure for {needle:?}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(err.contains(needle), "{err:?} should mention {needle:?}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
 /// A store in a temp dir, mounted, with one container named "c".
 pub struct Mounted {
     pub dir: tempfile::TempDir,
