@@ -130,7 +130,8 @@ enum Command {
     /// While the store is mounted, the mount's daemon does the work (as root or the user the
     /// mount runs as) and the mount shows the result; otherwise the store is opened directly.
     /// Entries that cannot be read are reported and skipped; the exit status is then 1 and
-    /// no snapshot is taken.
+    /// no snapshot is taken. The store's own directory and mountpoint, if SOURCE holds them,
+    /// are left out.
     Ingest {
         /// The directory whose contents are copied
         source: PathBuf,
