@@ -197,13 +197,6 @@ pub fn ingest(
     let started = Instant::now();
     let root =
         std::fs::canonicalize(source).map_err(|e| IngestError::Source(source.to_path_buf(), e))?;
-    let meta = std::fs::metadata(&root).map_err(|e| IngestError::Source(root.clone(), e))?;
-    if !meta.is_dir() {
-        return Err(IngestError::Source(
-            root,
-            io::Error::from_raw_os_error(libc::ENOTDIR),
-        ));
-    }
     let root_dir =
         SourceDir::open(&root, true).map_err(|e| IngestError::Source(root.clone(), e))?;
     let skip = skip
@@ -291,18 +284,11 @@ pub fn ingest(
     // metadata follows the source root's, as rsync's "SOURCE/" does.
     run.sync_meta(target.dir, &root_meta, true)
         .map_err(|e| store_error(".", e))?;
-    match run.sync_xattrs(
-        target.dir,
-        &run.root,
-        Path::new(""),
-        Path::new(""),
-        false,
-        None,
-        None,
-    ) {
+    let root_rel = Path::new("");
+    match run.sync_xattrs(target.dir, XattrSource::Root(&run.root), false, None) {
         Ok(()) => {}
-        Err(IngestError::Source(p, e)) => run.entry_error(&p, &e),
-        Err(e) => return Err(e),
+        Err(Failure::Source(e)) => run.entry_error(root_rel, &e),
+        Err(Failure::Store(e)) => return Err(store_error(".", e)),
     }
     let times = std::mem::take(&mut *run.dir_times.lock());
     for (ino, atime, mtime) in times {
@@ -357,10 +343,6 @@ impl SourceDir {
         SourceDir { fd, view }
     }
 
-    fn view_path(&self, name: &OsStr) -> PathBuf {
-        Path::new(&format!("/proc/self/fd/{}", self.fd.as_raw_fd())).join(name)
-    }
-
     fn open_at(&self, name: &OsStr, flags: libc::c_int) -> io::Result<OwnedFd> {
         let c = cname(name)?;
         // SAFETY: a directory descriptor we own and a NUL-terminated name.
@@ -379,6 +361,22 @@ impl SourceDir {
 
     /// lstat of an entry.
     fn stat(&self, name: &OsStr) -> io::Result<SourceMeta> {
+        let st = self.lstat(name)?;
+        Ok(SourceMeta {
+            kind: crate::restore::kind_of(st.st_mode),
+            perm: st.st_mode & 0o7777,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            size: st.st_size as u64,
+            atime_ns: st.st_atime * 1_000_000_000 + st.st_atime_nsec,
+            mtime_ns: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec,
+            ino: st.st_ino,
+            nlink: u32::try_from(st.st_nlink).unwrap_or(u32::MAX),
+            rdev: st.st_rdev,
+        })
+    }
+
+    fn lstat(&self, name: &OsStr) -> io::Result<libc::stat> {
         let c = cname(name)?;
         // SAFETY: an all-zero stat is a valid value for fstatat to overwrite.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
@@ -394,18 +392,7 @@ impl SourceDir {
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(SourceMeta {
-            kind: crate::restore::kind_of(st.st_mode),
-            perm: st.st_mode & 0o7777,
-            uid: st.st_uid,
-            gid: st.st_gid,
-            size: st.st_size as u64,
-            atime_ns: st.st_atime * 1_000_000_000 + st.st_atime_nsec,
-            mtime_ns: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec,
-            ino: st.st_ino,
-            nlink: u32::try_from(st.st_nlink).unwrap_or(u32::MAX),
-            rdev: st.st_rdev,
-        })
+        Ok(st)
     }
 
     /// True when the entry surely has no xattrs: listxattrat(2) (Linux 6.13) says so
@@ -471,6 +458,23 @@ impl SourceDir {
 
 fn cname(name: &OsStr) -> io::Result<std::ffi::CString> {
     std::ffi::CString::new(name.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// Where xattrs are read from: the source root by its path, or an entry of a held-open
+/// source directory.
+enum XattrSource<'a> {
+    Root(&'a DirSource),
+    Entry(&'a SourceDir, &'a OsStr),
+}
+
+impl XattrSource<'_> {
+    fn read(&self) -> io::Result<Vec<(OsString, Vec<u8>)>> {
+        match self {
+            XattrSource::Root(root) => root.xattrs(Path::new("")),
+            XattrSource::Entry(dir, name) if dir.has_no_xattrs(name) => Ok(Vec::new()),
+            XattrSource::Entry(dir, name) => dir.view.xattrs(Path::new(name)),
+        }
+    }
 }
 
 /// A regular file of a source listing, with the record of the copy it may replace.
@@ -643,7 +647,7 @@ impl Run<'_> {
                     name,
                     replace,
                 } => {
-                    let r = self.write_file(&rel, dir, &src, &name, replace, &mut buf);
+                    let r = self.write_file(dir, &src, &name, replace, &mut buf);
                     (rel, r)
                 }
             }));
@@ -819,10 +823,9 @@ impl Run<'_> {
 
     /// True for a directory of [`Run::skip`].
     fn skipped(&self, src: &SourceDir, name: &OsStr, meta: &SourceMeta) -> bool {
-        self.skip.iter().any(|&(dev, ino)| {
-            ino == meta.ino
-                && std::fs::symlink_metadata(src.view_path(name)).is_ok_and(|m| m.dev() == dev)
-        })
+        self.skip
+            .iter()
+            .any(|&(dev, ino)| ino == meta.ino && src.lstat(name).is_ok_and(|st| st.st_dev == dev))
     }
 
     /// Removes `e` from `dir`, a directory with everything in it.
@@ -886,16 +889,8 @@ impl Run<'_> {
             }
         };
         let fresh = current.is_none_or(|e| e.kind != Kind::Dir);
-        self.sync_xattrs(
-            ino,
-            &src.view,
-            Path::new(OsStr::from_bytes(name)),
-            rel,
-            fresh,
-            Some(src),
-            None,
-        )
-        .map_err(into_failure)?;
+        let from = XattrSource::Entry(src, OsStr::from_bytes(name));
+        self.sync_xattrs(ino, from, fresh, None)?;
         self.dir_times
             .lock()
             .push((ino, meta.atime_ns, meta.mtime_ns));
@@ -940,16 +935,8 @@ impl Run<'_> {
                     if self.sync_meta_of(e.ino, &r, &meta, false)? {
                         forget.push(Invalidation::Inode(e.ino));
                     }
-                    self.sync_xattrs(
-                        e.ino,
-                        &src.view,
-                        Path::new(OsStr::from_bytes(&name)),
-                        &rel,
-                        false,
-                        Some(src),
-                        Some(xattr_cursor),
-                    )
-                    .map_err(into_failure)?;
+                    let from = XattrSource::Entry(src, OsStr::from_bytes(&name));
+                    self.sync_xattrs(e.ino, from, false, Some(xattr_cursor))?;
                     bump(&self.counts.unchanged, 1);
                     return Ok(());
                 }
@@ -973,10 +960,8 @@ impl Run<'_> {
 
     /// Writes a file's content and metadata: under its name when it is new, under a temp
     /// name renamed over the old file when it replaces one.
-    #[allow(clippy::too_many_arguments)]
     fn write_file(
         &self,
-        rel: &Path,
         dir: InodeNo,
         src: &SourceDir,
         name: &[u8],
@@ -1027,16 +1012,8 @@ impl Run<'_> {
             let released = ns.release(ino);
             let (size, written_end) = copied?;
             released?;
-            self.sync_xattrs(
-                ino,
-                &src.view,
-                Path::new(OsStr::from_bytes(name)),
-                rel,
-                true,
-                Some(src),
-                None,
-            )
-            .map_err(into_failure)?;
+            let from = XattrSource::Entry(src, OsStr::from_bytes(name));
+            self.sync_xattrs(ino, from, true, None)?;
             // The size is set only for a hole at the end: a setattr with a size truncates.
             self.set_file_meta(ino, meta, (size > written_end).then_some(size))?;
             if replace {
@@ -1122,8 +1099,35 @@ impl Run<'_> {
             .read_link(OsStr::from_bytes(name))
             .map_err(Failure::Source)?;
         let target = target.as_slice();
+        self.keep_or_make(
+            dir,
+            name,
+            meta,
+            current,
+            forget,
+            |e| Ok(e.kind == Kind::Symlink && self.ns.readlink(e.ino)? == target),
+            || {
+                self.ns
+                    .make_node(dir, name, Kind::Symlink, 0o777, 0, target, Caller::ROOT)
+            },
+        )
+    }
+
+    /// Keeps `current` when `same` says it already is what the source has (its owner, mode
+    /// and times brought up to date), else replaces it with what `make` creates.
+    #[allow(clippy::too_many_arguments)]
+    fn keep_or_make(
+        &self,
+        dir: InodeNo,
+        name: &[u8],
+        meta: &SourceMeta,
+        current: Option<&DirEntry>,
+        forget: &mut Vec<Invalidation>,
+        same: impl FnOnce(&DirEntry) -> FsResult<bool>,
+        make: impl FnOnce() -> FsResult<crate::namespace::Attr>,
+    ) -> Result<(), Failure> {
         if let Some(e) = current {
-            if e.kind == Kind::Symlink && self.ns.readlink(e.ino)? == target {
+            if same(e)? {
                 if self.sync_meta(e.ino, meta, true)? {
                     forget.push(Invalidation::Inode(e.ino));
                 }
@@ -1131,9 +1135,7 @@ impl Run<'_> {
             }
             self.remove(dir, e, forget)?;
         }
-        let a = self
-            .ns
-            .make_node(dir, name, Kind::Symlink, 0o777, 0, target, Caller::ROOT)?;
+        let a = make()?;
         forget.push(Invalidation::Entry(dir, name.to_vec()));
         self.sync_meta(a.ino, meta, true)?;
         Ok(())
@@ -1155,21 +1157,18 @@ impl Run<'_> {
             _ => Kind::BlockDev,
         };
         let rdev = u32::try_from(meta.rdev).unwrap_or(0);
-        if let Some(e) = current {
-            if e.kind == kind && self.ns.getattr(e.ino)?.rec.rdev == rdev {
-                if self.sync_meta(e.ino, meta, true)? {
-                    forget.push(Invalidation::Inode(e.ino));
-                }
-                return Ok(());
-            }
-            self.remove(dir, e, forget)?;
-        }
-        let a = self
-            .ns
-            .make_node(dir, name, kind, meta.perm as u16, rdev, b"", Caller::ROOT)?;
-        forget.push(Invalidation::Entry(dir, name.to_vec()));
-        self.sync_meta(a.ino, meta, true)?;
-        Ok(())
+        self.keep_or_make(
+            dir,
+            name,
+            meta,
+            current,
+            forget,
+            |e| Ok(e.kind == kind && self.ns.getattr(e.ino)?.rec.rdev == rdev),
+            || {
+                self.ns
+                    .make_node(dir, name, kind, meta.perm as u16, rdev, b"", Caller::ROOT)
+            },
+        )
     }
 
     /// Sets owner and mode (and with `times`, atime and mtime) of `ino` where they differ
@@ -1219,42 +1218,32 @@ impl Run<'_> {
         Ok(true)
     }
 
-    /// Makes the xattrs of `ino` those of the source entry `entry` of `dir` (`rel` names it
-    /// in messages); `fresh` when `ino` was just created (it has none).
-    #[allow(clippy::too_many_arguments)]
+    /// Makes the xattrs of `ino` those of the source entry `from`; `fresh` when `ino` was
+    /// just created (it has none). `cursor` reads the
+    /// copy's xattr names when given (see [`Namespace::xattr_cursor`]).
     fn sync_xattrs(
         &self,
         ino: InodeNo,
-        dir: &DirSource,
-        entry: &Path,
-        rel: &Path,
+        from: XattrSource<'_>,
         fresh: bool,
-        quick: Option<&SourceDir>,
         cursor: Option<&mut Cursor<'_>>,
-    ) -> Result<(), IngestError> {
+    ) -> Result<(), Failure> {
         let ns = self.ns;
-        let none = quick.is_some_and(|d| d.has_no_xattrs(entry.as_os_str()));
-        let wanted = if none {
-            Vec::new()
-        } else {
-            dir.xattrs(entry)
-                .map_err(|e| IngestError::Source(rel.to_path_buf(), e))?
-        };
+        let wanted = from.read().map_err(Failure::Source)?;
         if fresh && wanted.is_empty() {
             return Ok(());
         }
-        let err = |e| store_error(display_rel(rel), e);
         let listed = match (fresh, cursor) {
             (true, _) => Vec::new(),
-            (false, Some(c)) => ns.live_xattr_names(c, ino).map_err(err)?,
-            (false, None) => ns.listxattr(ino).map_err(err)?,
+            (false, Some(c)) => ns.live_xattr_names(c, ino)?,
+            (false, None) => ns.listxattr(ino)?,
         };
         let mut changed = false;
         for name in listed.split(|&b| b == 0).filter(|n| !n.is_empty()) {
             if !wanted.iter().any(|(n, _)| n.as_bytes() == name) {
                 match ns.removexattr(ino, name, Caller::ROOT) {
                     Ok(()) | Err(FsError::NoAttr) => changed = true,
-                    Err(e) => return Err(err(e)),
+                    Err(e) => return Err(e.into()),
                 }
             }
         }
@@ -1265,24 +1254,13 @@ impl Run<'_> {
             {
                 continue;
             }
-            ns.setxattr(ino, name, value, false, false, Caller::ROOT)
-                .map_err(err)?;
+            ns.setxattr(ino, name, value, false, false, Caller::ROOT)?;
             changed = true;
         }
         if changed {
             ns.invalidate(&[Invalidation::Inode(ino)]);
         }
         Ok(())
-    }
-}
-
-fn into_failure(e: IngestError) -> Failure {
-    match e {
-        IngestError::Source(_, e) => Failure::Source(e),
-        IngestError::Store { err, .. } => Failure::Store(err),
-        IngestError::Target(_) | IngestError::Cancelled | IngestError::Internal(_) => {
-            Failure::Store(FsError::Invalid)
-        }
     }
 }
 

@@ -7,7 +7,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::Output;
 
-use common::{dedupfs, is_mounted, ok, refused, run, Mounted};
+use common::{dedupfs, is_mounted, ok, random, refused, run, Mounted};
 use serde_json::Value;
 
 fn errno_of(r: std::io::Result<impl Sized>) -> Option<i32> {
@@ -328,24 +328,12 @@ fn stored_bytes(store: &Path) -> u64 {
     v["stored_bytes"].as_u64().unwrap()
 }
 
-fn random(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 #[test]
 fn rollback_undoes_every_change_and_gives_space_back() {
     let m = Mounted::new();
     let c = m.c();
     std::fs::create_dir(c.join("d")).unwrap();
-    let big = random(1, 4 << 20);
+    let big = random(4 << 20, 1);
     std::fs::write(c.join("d/big"), &big).unwrap();
     std::fs::write(c.join("d/f"), b"one").unwrap();
     std::fs::write(c.join("gone"), b"keep me").unwrap();
@@ -358,7 +346,7 @@ fn rollback_undoes_every_change_and_gives_space_back() {
     std::fs::write(c.join("d/f"), b"two").unwrap();
     std::fs::remove_file(c.join("gone")).unwrap();
     std::fs::remove_file(c.join("f-link")).unwrap();
-    std::fs::write(c.join("new"), random(2, 3 << 20)).unwrap();
+    std::fs::write(c.join("new"), random(3 << 20, 2)).unwrap();
     std::fs::create_dir(c.join("newdir")).unwrap();
     std::fs::rename(c.join("d/big"), c.join("newdir/big")).unwrap();
     ok(run(&m.store, &["snapshot", "create", "c", "s2"]));
@@ -420,7 +408,7 @@ fn clone_makes_a_writable_container_that_shares_data() {
     let m = Mounted::new();
     let c = m.c();
     std::fs::create_dir(c.join("vm")).unwrap();
-    let disk = random(3, 6 << 20);
+    let disk = random(6 << 20, 3);
     std::fs::write(c.join("vm/disk.img"), &disk).unwrap();
     std::fs::write(c.join("vm/conf"), b"cpus=2").unwrap();
     std::os::unix::fs::symlink("disk.img", c.join("vm/current")).unwrap();

@@ -2,6 +2,8 @@
 //! mirrored again; the container must equal the source each time (content, kinds, modes,
 //! owners, times, xattrs, symlinks, special files), and fsck must stay clean.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -16,6 +18,8 @@ use dedupfs::ids::InodeNo;
 use dedupfs::ingest::{self, IngestReport};
 use dedupfs::namespace::{Caller, Namespace};
 use dedupfs::store::Store;
+
+use common::random;
 
 struct Fixture {
     dir: tempfile::TempDir,
@@ -269,18 +273,6 @@ fn mkfifo(p: &Path) {
     let c = CString::new(p.as_os_str().as_bytes()).unwrap();
     // SAFETY: NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o640) }, 0);
-}
-
-fn random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 /// A tree with every kind of entry and metadata the ingest copies.

@@ -7,7 +7,7 @@ mod common;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use common::{ok, refused, run, Mounted};
+use common::{ok, random, refused, run, Mounted};
 
 fn set_mtime(p: &Path, secs: i64) {
     let f = std::fs::File::options().write(true).open(p).unwrap();
@@ -152,26 +152,19 @@ fn sigkill_during_an_ingest_leaves_a_clean_store_and_a_rerun_completes() {
     let mut m = Mounted::new();
     let src = m.dir.path().join("src");
     // Enough work that the kill lands mid-way: many small files and a few large ones.
-    let mut x = 0x1234_5678_9abc_def0u64;
-    let mut noise = |n: usize| -> Vec<u8> {
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    };
     for d in 0..40 {
         let dir = src.join(format!("d{d:02}"));
         std::fs::create_dir_all(&dir).unwrap();
         for i in 0..100 {
-            std::fs::write(dir.join(format!("f{i:03}")), noise(2000 + i * 37)).unwrap();
+            std::fs::write(
+                dir.join(format!("f{i:03}")),
+                random(2000 + i * 37, (d * 100 + i) as u64),
+            )
+            .unwrap();
         }
     }
     for i in 0..4 {
-        std::fs::write(src.join(format!("big{i}")), noise(48 << 20)).unwrap();
+        std::fs::write(src.join(format!("big{i}")), random(48 << 20, 10_000 + i)).unwrap();
     }
     let pid = m.daemon_pid().expect("daemon pid");
     let mut child = std::process::Command::new(common::BIN)

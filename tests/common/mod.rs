@@ -27,6 +27,19 @@ pub fn ok(out: Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Deterministic, incompressible bytes (xorshift from `seed`).
+pub fn random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 /// Runs `dedupfs ARGS --store STORE`.
 pub fn run(store: &Path, args: &[&str]) -> Output {
     let mut all: Vec<std::ffi::OsString> = args.iter().map(|a| a.into()).collect();
