@@ -16,9 +16,11 @@
 //!   written under a temporary name unique to the run and renamed over the old one, so a
 //!   reader through the mount, or a snapshot taken meanwhile, sees the old file or the new
 //!   one, never a mix.
-//! - A file's size and mtime are set last, after its content and other metadata: the quick
-//!   check (same kind, size and mtime, as rsync and the file caches of restic and borg do)
-//!   then never skips a file that an interrupted run left half-written. Unchanged files are
+//! - A file's size and mtime are set last, after its content and other metadata, or with
+//!   its content in one batch ([`Namespace::make_file`], for files that fit the read buffer):
+//!   the quick check (same kind, size and mtime, as rsync and the file caches of restic and
+//!   borg do) then never skips a file that an interrupted run left half-written. (xattrs,
+//!   set after, are compared at every run.) Unchanged files are
 //!   not read; their mode, owner and xattrs are still brought up to date.
 //! - A directory's times are set after everything in it is done.
 //! - A problem with one source entry (unreadable, vanished, a name the container reserves)
@@ -32,7 +34,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read};
+use std::io::{self, Read, Seek};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -49,7 +51,8 @@ use crate::format::{InodeRecord, Kind};
 use crate::ids::InodeNo;
 use crate::kv::Cursor;
 use crate::namespace::{
-    Caller, DirEntry, FsError, FsResult, Invalidation, Namespace, SetAttr, SNAPSHOTS_DIR,
+    Attr, Caller, DirEntry, FsError, FsResult, Invalidation, Namespace, SetAttr, WholeFile,
+    SNAPSHOTS_DIR,
 };
 use crate::restore::{fill, source_meta, DirSource, EntryKind, Source, SourceMeta};
 
@@ -997,25 +1000,54 @@ impl Run<'_> {
                 "no longer a regular file; copied by the next run",
             )));
         }
-        let (build, ino) = if replace {
-            self.create_temp(dir, name)?
+        // A file that fits the buffer is made in one batch with its owner, mode and times;
+        // a bigger one is streamed through an open file and given them after.
+        let whole = if meta.size <= buf.len() as u64 {
+            read_whole(&mut reader, buf).map_err(Failure::Source)?
         } else {
-            let ino = ns
-                .make_node(dir, name, Kind::File, 0o600, 0, b"", Caller::ROOT)?
-                .ino;
-            (name.to_vec(), ino)
+            None
+        };
+        let make = |entry: &[u8]| match whole {
+            Some(n) => {
+                let data: Vec<(u64, &[u8])> = data_runs(&buf[..n])
+                    .map(|(start, end)| (start as u64, &buf[start..end]))
+                    .collect();
+                let file = WholeFile {
+                    perm: meta.perm as u16,
+                    uid: meta.uid,
+                    gid: meta.gid,
+                    atime_ns: meta.atime_ns,
+                    mtime_ns: meta.mtime_ns,
+                    size: n as u64,
+                    data: &data,
+                };
+                ns.make_file(dir, entry, &file, Caller::ROOT)
+            }
+            None => ns.make_node(dir, entry, Kind::File, 0o600, 0, b"", Caller::ROOT),
+        };
+        let (build, ino) = if replace {
+            self.create_temp(name, make)?
+        } else {
+            (name.to_vec(), make(name)?.ino)
         };
         let meta = &meta;
         let written = (|| {
-            ns.open(ino)?;
-            let copied = copy_data(ns, ino, &mut reader, buf);
-            let released = ns.release(ino);
-            let (size, written_end) = copied?;
-            released?;
+            let size = match whole {
+                Some(n) => n as u64,
+                None => {
+                    ns.open(ino)?;
+                    let copied = copy_data(ns, ino, &mut reader, buf);
+                    let released = ns.release(ino);
+                    let (size, written_end) = copied?;
+                    released?;
+                    // The size is set only for a hole at the end: a setattr with a size
+                    // truncates.
+                    self.set_file_meta(ino, meta, (size > written_end).then_some(size))?;
+                    size
+                }
+            };
             let from = XattrSource::Entry(src, OsStr::from_bytes(name));
             self.sync_xattrs(ino, from, true, None)?;
-            // The size is set only for a hole at the end: a setattr with a size truncates.
-            self.set_file_meta(ino, meta, (size > written_end).then_some(size))?;
             if replace {
                 ns.rename(dir, &build, dir, name, false, false, Caller::ROOT)?;
             }
@@ -1035,9 +1067,14 @@ impl Run<'_> {
         }
     }
 
-    /// Creates an empty file under a temp name no other entry has: `.NAME.TAG-SEQ.` plus
-    /// [`TMP_SUFFIX`]. Never removes an existing entry (the source may hold any name).
-    fn create_temp(&self, dir: InodeNo, name: &[u8]) -> Result<(Vec<u8>, InodeNo), Failure> {
+    /// Creates, with `make`, a file for `name` under a temp name no other entry has:
+    /// `.NAME.TAG-SEQ.` plus [`TMP_SUFFIX`]. Never removes an existing entry (the source may
+    /// hold any name).
+    fn create_temp(
+        &self,
+        name: &[u8],
+        make: impl Fn(&[u8]) -> FsResult<Attr>,
+    ) -> Result<(Vec<u8>, InodeNo), Failure> {
         let keep = name.len().min(NAME_MAX - 2 - TMP_SUFFIX.len() - 2 * 17);
         loop {
             let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
@@ -1046,10 +1083,7 @@ impl Run<'_> {
             t.extend_from_slice(&name[..keep]);
             t.extend_from_slice(format!(".{}-{seq:x}", self.tmp_tag).as_bytes());
             t.extend_from_slice(TMP_SUFFIX);
-            match self
-                .ns
-                .make_node(dir, &t, Kind::File, 0o600, 0, b"", Caller::ROOT)
-            {
+            match make(&t) {
                 Ok(a) => return Ok((t, a.ino)),
                 Err(FsError::Exists) => continue,
                 Err(e) => return Err(e.into()),
@@ -1264,6 +1298,39 @@ impl Run<'_> {
     }
 }
 
+/// Reads all of `reader` into `buf`: the number of bytes, or `None` (and the reader back at
+/// the start) when there is more than `buf` holds, as for a file that grew since its stat.
+fn read_whole(reader: &mut File, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    let n = fill(reader, buf)?;
+    if n < buf.len() || fill(reader, &mut [0u8; 1])? == 0 {
+        return Ok(Some(n));
+    }
+    reader.seek(io::SeekFrom::Start(0))?;
+    Ok(None)
+}
+
+/// The runs of `buf` to store, as (start, end): all but its all-zero blocks of
+/// [`HOLE_BLOCK`] bytes aligned to `buf`'s start, which are left as holes.
+fn data_runs(buf: &[u8]) -> impl Iterator<Item = (usize, usize)> + '_ {
+    let n = buf.len();
+    let is_hole =
+        move |at: usize| n - at >= HOLE_BLOCK && buf[at..at + HOLE_BLOCK].iter().all(|&b| b == 0);
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        while at < n && is_hole(at) {
+            at += HOLE_BLOCK;
+        }
+        if at == n {
+            return None;
+        }
+        let start = at;
+        while at < n && !is_hole(at) {
+            at = (at + HOLE_BLOCK).min(n);
+        }
+        Some((start, at))
+    })
+}
+
 /// Copies `reader` into the open file `ino` from offset 0, leaving aligned all-zero blocks
 /// as holes; returns the bytes read (the file's size) and the end of the last write.
 fn copy_data(
@@ -1279,25 +1346,10 @@ fn copy_data(
         if n == 0 {
             return Ok((offset, written_end));
         }
-        let mut at = 0;
-        while at < n {
-            // A run of blocks that are not all zero, written in one call.
-            let start = at;
-            while at < n {
-                let end = (at + HOLE_BLOCK).min(n);
-                if end - at == HOLE_BLOCK && buf[at..end].iter().all(|&b| b == 0) {
-                    break;
-                }
-                at = end;
-            }
-            if at > start {
-                ns.write(ino, offset + start as u64, &buf[start..at])?;
-                written_end = offset + at as u64;
-            }
-            while at < n && n - at >= HOLE_BLOCK && buf[at..at + HOLE_BLOCK].iter().all(|&b| b == 0)
-            {
-                at += HOLE_BLOCK;
-            }
+        // `buf` holds whole blocks of the file but for the last read: holes stay aligned.
+        for (start, end) in data_runs(&buf[..n]) {
+            ns.write(ino, offset + start as u64, &buf[start..end])?;
+            written_end = offset + end as u64;
         }
         offset += n as u64;
     }

@@ -289,6 +289,13 @@ fn build_source(src: &Path) {
     sparse.extend_from_slice(&random(5000, 3));
     sparse.resize(sparse.len() + (256 << 10), 0);
     std::fs::write(src.join("a/sparse"), &sparse).unwrap();
+    // Small enough to be made in one batch: a data block, two hole blocks, a data block, a
+    // hole block at the end (64 KiB blocks).
+    let mut small_sparse = random(10_000, 4);
+    small_sparse.resize(192 << 10, 0);
+    small_sparse.extend_from_slice(&random(3000, 5));
+    small_sparse.resize(320 << 10, 0);
+    std::fs::write(src.join("a/small-sparse"), &small_sparse).unwrap();
     for i in 0..300 {
         std::fs::write(src.join(format!("a/b/c/f{i:03}")), format!("file {i}\n")).unwrap();
     }
@@ -320,7 +327,7 @@ fn mirrors_a_tree_then_its_changes() {
     let first = f.ingest("c", 3);
     assert_eq!(first.errors, Vec::<String>::new());
     let s = &first.stats;
-    assert_eq!((s.files, s.written, s.unchanged), (308, 308, 0), "{s:?}");
+    assert_eq!((s.files, s.written, s.unchanged), (309, 309, 0), "{s:?}");
     assert_eq!((s.symlinks, s.specials, s.removed), (2, 1, 0), "{s:?}");
     assert_mirrors(&f, "c");
     // The sparse file's holes stay holes.
@@ -330,11 +337,17 @@ fn mirrors_a_tree_then_its_changes() {
         "holes written: {}",
         sparse.data_bytes
     );
+    let small_sparse = f.ns.lookup(f.dir("c/a"), b"small-sparse").unwrap().rec;
+    assert_eq!(
+        (small_sparse.size, small_sparse.data_bytes),
+        (320 << 10, 128 << 10),
+        "only the two data blocks are stored"
+    );
     f.fsck_clean();
 
     // Nothing changed: nothing written, the container stays equal.
     let again = f.ingest("c", 2);
-    assert_eq!((again.stats.written, again.stats.unchanged), (0, 308));
+    assert_eq!((again.stats.written, again.stats.unchanged), (0, 309));
     assert_mirrors(&f, "c");
 
     // Every kind of change.

@@ -11,7 +11,8 @@ use dedupfs::fsck;
 use dedupfs::ids::{ChunkId, InodeNo};
 use dedupfs::kv::Cf;
 use dedupfs::namespace::{
-    is_snapshot_ino, Caller, Counters, FsError, Namespace, SetAttr, SnapshotRecord, SNAPSHOTS_DIR,
+    is_snapshot_ino, Caller, Counters, FsError, Namespace, SetAttr, SnapshotRecord, WholeFile,
+    SNAPSHOTS_DIR,
 };
 use dedupfs::stats;
 use dedupfs::store::Store;
@@ -200,6 +201,98 @@ fn holes_read_as_zeros_and_take_no_blocks() {
         b"\0\0middle\0\0"
     );
     assert_eq!(ns.counters().logical_bytes, 8192 + 6);
+    fx.fsck_clean();
+}
+
+/// A file made whole in one batch reads back with its holes, owner, mode and times; it
+/// dedups against what is stored, a snapshot taken before it does not see it, and bad
+/// requests change nothing.
+#[test]
+fn make_file_stores_data_and_attributes_in_one_batch() {
+    let mut fx = Fixture::new();
+    let c = fx
+        .ns()
+        .create_container("c", ROOT, 0o755)
+        .expect("container");
+    let a = random(200_000, 7);
+    let b = random(5000, 8);
+    let size = 3 * MIB + 100;
+    let data = [(0u64, &a[..]), (2 * MIB, &b[..])];
+    let whole = WholeFile {
+        perm: 0o4750,
+        uid: 1234,
+        gid: 5678,
+        atime_ns: 1_000_000_000_123,
+        mtime_ns: 2_000_000_000_456,
+        size,
+        data: &data,
+    };
+    let ns = fx.ns();
+    file_with(ns, c.root, "same-as-a", &a);
+    ns.create_snapshot("c", Some("before")).expect("snapshot");
+    let dir_before = ns.getattr(c.root).expect("getattr").rec;
+    let stored_before = ns.counters().stored_bytes;
+    let made = ns.make_file(c.root, b"f", &whole, ROOT).expect("make_file");
+    let rec = ns.getattr(made.ino).expect("getattr").rec;
+    assert_eq!(rec, made.rec);
+    assert_eq!(
+        (rec.kind, rec.perm, rec.uid, rec.gid, rec.nlink),
+        (Kind::File, 0o4750, 1234, 5678, 1)
+    );
+    assert_eq!((rec.atime, rec.mtime), (whole.atime_ns, whole.mtime_ns));
+    assert_eq!((rec.size, rec.data_bytes), (size, 205_000));
+    let mut want = vec![0u8; size as usize];
+    want[..a.len()].copy_from_slice(&a);
+    want[2 * MIB as usize..2 * MIB as usize + b.len()].copy_from_slice(&b);
+    assert!(read_all(ns, made.ino) == want, "contents with holes");
+    let dir = ns.getattr(c.root).expect("getattr").rec;
+    assert!(dir.mtime > dir_before.mtime, "the directory's mtime moves");
+    // `a` was stored already: only `b` is new (compressed random bytes are not smaller).
+    let added = ns.counters().stored_bytes - stored_before;
+    assert!(added < 10_000, "stored {added} bytes for 5000 new ones");
+    // The snapshot from before does not have it.
+    let snap = snapshot_root(ns, c.root, "before");
+    assert_eq!(ns.lookup(snap, b"f").map(|a| a.ino), Err(FsError::NotFound));
+
+    // Refused, changing nothing: a taken name, the reserved name, the mount root, a
+    // snapshot, data out of order or past the size.
+    let counters = ns.counters();
+    let refused = [
+        (c.root, &b"f"[..], whole, FsError::Exists),
+        (c.root, SNAPSHOTS_DIR, whole, FsError::Exists),
+        (InodeNo::ROOT, b"g", whole, FsError::NotPermitted),
+        (snap, b"g", whole, FsError::ReadOnly),
+        (
+            c.root,
+            b"g",
+            WholeFile { size: 100, ..whole },
+            FsError::Invalid,
+        ),
+        (
+            c.root,
+            b"g",
+            WholeFile {
+                data: &[(10, &b[..]), (0, &a[..])],
+                ..whole
+            },
+            FsError::Invalid,
+        ),
+    ];
+    for (parent, name, file, err) in refused {
+        let got = ns.make_file(parent, name, &file, ROOT).map(|a| a.ino);
+        assert_eq!(got, Err(err), "{}", String::from_utf8_lossy(name));
+    }
+    assert_eq!(ns.counters(), counters);
+    assert_eq!(names(ns, c.root), ["f", "same-as-a"]);
+    fx.fsck_clean();
+
+    fx.reopen();
+    let ns = fx.ns();
+    let f = ns.lookup(c.root, b"f").expect("lookup");
+    assert_eq!(f.rec, rec);
+    assert!(read_all(ns, f.ino) == want, "contents after a reopen");
+    ns.delete_snapshot("c", "before").expect("delete");
+    ns.unlink(c.root, b"f", ROOT).expect("unlink");
     fx.fsck_clean();
 }
 

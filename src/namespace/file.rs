@@ -1189,9 +1189,7 @@ impl Namespace {
         let compression = self.store.config.compression;
         let chunks: Vec<(u64, &[u8])> = sealed.plan.chunks().collect();
         let slices: Vec<&[u8]> = chunks.iter().map(|(_, d)| *d).collect();
-        let prepared = chunking::prepare(&slices, compression, |id| {
-            !self.chunks.is_suspect(id) && self.chunks.refcount(id).map(|n| n > 0).unwrap_or(false)
-        });
+        let prepared = chunking::prepare(&slices, compression, |id| self.chunk_is_stored(id));
 
         let mut st = file.state.lock();
         let result = self.commit_sealed(
@@ -1322,14 +1320,21 @@ impl Namespace {
         }
         self.put_inode(&mut txn, ino, &rec)?;
         txn.count(st.container, |d| d.logical_bytes += logical);
-        let compression = self.store.config.compression;
-        let encode_missing = |id: &ChunkId| {
-            chunks
-                .iter()
-                .find(|(_, d)| ChunkId::of(d) == *id)
-                .map(|(_, d)| chunking::encode(d, compression))
-        };
-        self.apply(&mut commit, txn, &encode_missing)?;
+        self.apply(&mut commit, txn, &|id| self.encode_among(chunks, id))?;
         Ok((new_extents, data_bytes))
+    }
+
+    /// Whether the store holds a good copy of `id`: its bytes need not be compressed.
+    pub(super) fn chunk_is_stored(&self, id: &ChunkId) -> bool {
+        !self.chunks.is_suspect(id) && self.chunks.refcount(id).map(|n| n > 0).unwrap_or(false)
+    }
+
+    /// The encoded payload of chunk `id` from a commit's chunks: for a chunk prepared as
+    /// stored that was reclaimed before the commit (see [`Namespace::apply`]).
+    pub(super) fn encode_among(&self, chunks: &[(u64, &[u8])], id: &ChunkId) -> Option<Vec<u8>> {
+        chunks
+            .iter()
+            .find(|(_, d)| ChunkId::of(d) == *id)
+            .map(|(_, d)| chunking::encode(d, self.store.config.compression))
     }
 }

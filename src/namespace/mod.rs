@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 pub use container::{ContainerInfo, ContainerRecord, SnapshotSchedule, AUTO_PREFIX};
 pub use dataset::{Invalidation, RolledBack};
 pub use file::OpenFile;
-pub use ops::{DirEntry, SetAttr, StatFs, LINK_MAX};
+pub use ops::{DirEntry, SetAttr, StatFs, WholeFile, LINK_MAX};
 pub use scrub::{BadChunk, ScrubProgress, ScrubReport};
 pub(crate) use snapshot::View;
 pub use snapshot::{

@@ -1,7 +1,8 @@
 //! Metadata operations: lookup, create, link, unlink, rename, setattr, xattrs, statfs.
 
 use super::{check_name, writable, Attr, Caller, FsError, FsResult, Namespace, Txn, View};
-use crate::format::{self, key, DirentRecord, InodeRecord, Kind};
+use crate::chunking;
+use crate::format::{self, key, DirentRecord, ExtentRecord, InodeRecord, Kind};
 use crate::ids::{ContainerId, Epoch, InodeNo};
 use crate::kv::{Cf, Sync};
 use crate::store::now_ns;
@@ -35,6 +36,39 @@ pub struct StatFs {
     pub ffree: u64,
     pub bsize: u32,
     pub namelen: u32,
+}
+
+/// A regular file for [`Namespace::make_file`].
+#[derive(Clone, Copy, Debug)]
+pub struct WholeFile<'a> {
+    pub perm: u16,
+    pub uid: u32,
+    pub gid: u32,
+    pub atime_ns: i64,
+    pub mtime_ns: i64,
+    /// The file's size; what `data` does not cover reads as zeros and is stored as holes.
+    pub size: u64,
+    /// The file's data by offset: ascending, not overlapping, none past `size`.
+    pub data: &'a [(u64, &'a [u8])],
+}
+
+impl WholeFile<'_> {
+    fn check(&self) -> FsResult<()> {
+        if self.size > FILE_SIZE_MAX {
+            return Err(FsError::TooBig);
+        }
+        let mut end = 0u64;
+        for &(start, bytes) in self.data {
+            if start < end {
+                return Err(FsError::Invalid);
+            }
+            end = start
+                .checked_add(bytes.len() as u64)
+                .filter(|e| *e <= self.size)
+                .ok_or(FsError::Invalid)?;
+        }
+        Ok(())
+    }
 }
 
 /// Longest symlink target (PATH_MAX - 1).
@@ -254,19 +288,7 @@ impl Namespace {
             },
         };
         self.put_inode(&mut txn, ino, &rec)?;
-        self.stage_version(
-            &mut txn,
-            Cf::Dirent,
-            &key::dirent_prefix(parent, name),
-            dir.container,
-            Some(&DirentRecord { child: ino, kind }.encode()),
-        )?;
-        if kind == Kind::Dir {
-            dir.nlink += 1;
-        }
-        dir.mtime = now;
-        dir.ctime = now;
-        self.put_inode(&mut txn, parent, &dir)?;
+        self.stage_new_entry(&mut txn, parent, &mut dir, name, ino, kind, now)?;
         txn.count(dir.container, |d| match kind {
             Kind::Dir => d.dirs += 1,
             Kind::File => d.files += 1,
@@ -274,6 +296,108 @@ impl Namespace {
         });
         self.apply(&mut st, txn, &|_| None)?;
         Ok(Attr { ino, rec })
+    }
+
+    /// Creates a regular file with its data, owner, mode and times in one batch: what a
+    /// create, writes, a close and a setattr do, without the open file in between. For
+    /// writers that have a whole file in hand (the ingest); `Exists` if `name` is taken.
+    pub fn make_file(
+        &self,
+        parent: InodeNo,
+        name: &[u8],
+        file: &WholeFile<'_>,
+        caller: Caller,
+    ) -> FsResult<Attr> {
+        writable(parent)?;
+        check_name(name)?;
+        file.check()?;
+        // Cut, hash and compress before taking the commit lock.
+        let params = self.store.config.chunker;
+        let mut chunks: Vec<(u64, &[u8])> = Vec::new();
+        for &(start, bytes) in file.data {
+            let mut at = start;
+            for c in chunking::split(&params, bytes) {
+                chunks.push((at, c));
+                at += c.len() as u64;
+            }
+        }
+        let slices: Vec<&[u8]> = chunks.iter().map(|(_, c)| *c).collect();
+        let compression = self.store.config.compression;
+        let prepared = chunking::prepare(&slices, compression, |id| self.chunk_is_stored(id));
+        let data_bytes: u64 = slices.iter().map(|c| c.len() as u64).sum();
+
+        let mut st = self.commit.lock();
+        let mut dir = self.dir_for_change(parent, caller)?;
+        if self.dirent(parent, name)?.is_some() || is_reserved(&dir, name) {
+            return Err(FsError::Exists);
+        }
+        let mut txn = Txn::new(Sync::Process);
+        let ino = self.alloc_ino(&mut st, &mut txn);
+        let now = now_ns();
+        let rec = InodeRecord {
+            kind: Kind::File,
+            perm: file.perm & 0o7777,
+            uid: file.uid,
+            gid: file.gid,
+            size: file.size,
+            data_bytes,
+            parent: InodeNo(0),
+            atime: file.atime_ns,
+            mtime: file.mtime_ns,
+            ctime: now,
+            crtime: now,
+            nlink: 1,
+            rdev: 0,
+            generation: 0,
+            container: dir.container,
+            target: Vec::new(),
+        };
+        self.put_inode(&mut txn, ino, &rec)?;
+        for ((offset, _), p) in chunks.iter().zip(prepared) {
+            let extent = ExtentRecord {
+                chunk: p.id,
+                len: p.len,
+            };
+            // A new inode has no older extent at any offset to retire or keep for a
+            // snapshot: each is put as a replaced one is.
+            self.put_extent(&mut txn, ino, *offset, dir.container, &extent, true)?;
+            txn.reference(p.id, p.encoded);
+        }
+        self.stage_new_entry(&mut txn, parent, &mut dir, name, ino, Kind::File, now)?;
+        txn.count(dir.container, |d| {
+            d.files += 1;
+            d.logical_bytes += data_bytes as i64;
+        });
+        self.apply(&mut st, txn, &|id| self.encode_among(&chunks, id))?;
+        Ok(Attr { ino, rec })
+    }
+
+    /// Stages a new entry `name` of `parent` (whose record is `dir`) for the new inode
+    /// `child`, and the parent's new times (and link count, for a directory).
+    #[allow(clippy::too_many_arguments)]
+    fn stage_new_entry(
+        &self,
+        txn: &mut Txn,
+        parent: InodeNo,
+        dir: &mut InodeRecord,
+        name: &[u8],
+        child: InodeNo,
+        kind: Kind,
+        now: i64,
+    ) -> FsResult<()> {
+        self.stage_version(
+            txn,
+            Cf::Dirent,
+            &key::dirent_prefix(parent, name),
+            dir.container,
+            Some(&DirentRecord { child, kind }.encode()),
+        )?;
+        if kind == Kind::Dir {
+            dir.nlink += 1;
+        }
+        dir.mtime = now;
+        dir.ctime = now;
+        self.put_inode(txn, parent, dir)
     }
 
     pub fn readlink(&self, ino: InodeNo) -> FsResult<Vec<u8>> {
