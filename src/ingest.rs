@@ -17,7 +17,8 @@
 //!   reader through the mount, or a snapshot taken meanwhile, sees the old file or the new
 //!   one, never a mix.
 //! - A file's size and mtime are set last, after its content and other metadata, or with
-//!   its content in one batch ([`Namespace::make_file`], for files that fit the read buffer):
+//!   its content in one batch ([`Namespace::make_files`], for files that fit the read
+//!   buffer):
 //!   the quick check (same kind, size and mtime, as rsync and the file caches of restic and
 //!   borg do) then never skips a file that an interrupted run left half-written. (xattrs,
 //!   set after, are compared at every run.) Unchanged files are
@@ -56,8 +57,13 @@ use crate::namespace::{
 };
 use crate::restore::{fill, source_meta, DirSource, EntryKind, Source, SourceMeta};
 
-/// Bytes read from a source file at a time.
+/// Bytes read from a source file at a time; a file no bigger is read whole and made in one
+/// batch with its metadata.
 const READ_BUF: usize = 1 << 20;
+/// New files of one directory made in one batch (see [`Namespace::make_files`]): at most
+/// this many, of at most `GROUP_BYTES` together by their listed sizes.
+const GROUP_FILES: usize = 32;
+const GROUP_BYTES: u64 = 2 << 20;
 /// An all-zero block of this size, aligned in the file, is left a hole rather than
 /// written; divides `READ_BUF`.
 const HOLE_BLOCK: usize = 64 << 10;
@@ -509,6 +515,21 @@ enum Task {
         /// The name exists (a changed file): write under a temp name and rename over it.
         replace: bool,
     },
+    /// Small files new to the directory `dir`, made in one batch.
+    NewFiles {
+        /// The directory's path.
+        rel: PathBuf,
+        dir: InodeNo,
+        src: Arc<SourceDir>,
+        group: NewFiles,
+    },
+}
+
+/// Small new files of one directory gathered into one task: (path, name) each.
+#[derive(Default)]
+struct NewFiles {
+    files: Vec<(PathBuf, Vec<u8>)>,
+    bytes: u64,
 }
 
 struct Work {
@@ -621,6 +642,8 @@ impl Run<'_> {
 
     fn worker(&self) {
         let mut buf = vec![0u8; READ_BUF];
+        // Room for a group by its listed sizes, and one file grown past them.
+        let mut group_buf = Vec::new();
         loop {
             let task = {
                 let mut work = self.work.lock();
@@ -656,6 +679,16 @@ impl Run<'_> {
                     replace,
                 } => {
                     let r = self.write_file(dir, &src, &name, replace, &mut buf);
+                    (rel, r)
+                }
+                Task::NewFiles {
+                    rel,
+                    dir,
+                    src,
+                    group,
+                } => {
+                    group_buf.resize(GROUP_BYTES as usize + READ_BUF, 0);
+                    let r = self.write_new_files(dir, &src, group, &mut group_buf, &mut buf);
                     (rel, r)
                 }
             }));
@@ -789,6 +822,7 @@ impl Run<'_> {
             .zip(ns.inodes_live(&file_inos))
             .collect();
         let mut xattr_cursor = ns.xattr_cursor();
+        let mut group = NewFiles::default();
         for (name, meta) in wanted {
             let child = rel.join(OsStr::from_bytes(&name));
             if dir == self.container_root && name == SNAPSHOTS_DIR {
@@ -812,7 +846,8 @@ impl Run<'_> {
                         meta,
                         record,
                     };
-                    self.queue_file(file, &src, current, &mut forget, &mut xattr_cursor)
+                    let listing = (&src, &mut forget, &mut xattr_cursor);
+                    self.queue_file(file, current, listing, &mut group)
                 }
                 EntryKind::Symlink => {
                     self.sync_symlink(dir, &src, &name, &meta, current, &mut forget)
@@ -827,6 +862,14 @@ impl Run<'_> {
                 }
                 Err(f) => self.fail(&child, f),
             }
+        }
+        if !group.files.is_empty() {
+            self.push(Task::NewFiles {
+                rel: rel.to_path_buf(),
+                dir,
+                src,
+                group,
+            });
         }
         if !forget.is_empty() {
             forget.push(Invalidation::Inode(dir));
@@ -919,13 +962,14 @@ impl Run<'_> {
 
     /// Leaves an unchanged file (same size and mtime) in place with its metadata brought up
     /// to date; queues any other for writing.
+    /// Brings a listed file up to date: its metadata if the quick check finds it unchanged,
+    /// else a task for its content (small new files join `group`, queued when full).
     fn queue_file(
         &self,
         file: ListedFile,
-        src: &Arc<SourceDir>,
         current: Option<&DirEntry>,
-        forget: &mut Vec<Invalidation>,
-        xattr_cursor: &mut Cursor<'_>,
+        (src, forget, xattr_cursor): (&Arc<SourceDir>, &mut Vec<Invalidation>, &mut Cursor<'_>),
+        group: &mut NewFiles,
     ) -> Result<(), Failure> {
         let ListedFile {
             rel,
@@ -962,6 +1006,20 @@ impl Run<'_> {
             }
             None => false,
         };
+        if !replace && meta.size <= READ_BUF as u64 {
+            let rel_dir = rel.parent().map(Path::to_path_buf).unwrap_or_default();
+            group.bytes += meta.size;
+            group.files.push((rel, name));
+            if group.files.len() >= GROUP_FILES || group.bytes >= GROUP_BYTES {
+                self.push(Task::NewFiles {
+                    rel: rel_dir,
+                    dir,
+                    src: src.clone(),
+                    group: std::mem::take(group),
+                });
+            }
+            return Ok(());
+        }
         self.push(Task::File {
             rel,
             dir,
@@ -1076,6 +1134,94 @@ impl Run<'_> {
                 Err(f)
             }
         }
+    }
+
+    /// Makes a group of small new files of `dir` in one batch, each read whole into
+    /// `group_buf`; a file that does not fit (it grew since the listing) is written alone.
+    /// Errors of one file are reported for it; a store error stops the ingest.
+    fn write_new_files(
+        &self,
+        dir: InodeNo,
+        src: &SourceDir,
+        group: NewFiles,
+        group_buf: &mut [u8],
+        buf: &mut [u8],
+    ) -> Result<(), Failure> {
+        let ns = self.ns;
+        let mut read: Vec<(usize, usize, SourceMeta)> = Vec::new(); // (file, end in group_buf, meta)
+        let mut alone = Vec::new();
+        let mut at = 0;
+        for (i, (rel, name)) in group.files.iter().enumerate() {
+            let room = (group_buf.len() - at).min(READ_BUF);
+            match read_new_file(src, name, &mut group_buf[at..at + room]) {
+                Ok(Whole::Read(n, meta)) => {
+                    at += n;
+                    read.push((i, at, meta));
+                }
+                // Vanished since the listing; it was new, so there is nothing to remove.
+                Ok(Whole::Gone) => {}
+                Ok(Whole::TooBig) => alone.push(i),
+                Err(f) => self.fail(rel, f),
+            }
+        }
+        let group_buf = &*group_buf;
+        let mut runs: Vec<Vec<(u64, &[u8])>> = Vec::with_capacity(read.len());
+        let mut start = 0;
+        for &(_, end, _) in &read {
+            let data = &group_buf[start..end];
+            runs.push(
+                data_runs(data)
+                    .map(|(s, e)| (s as u64, &data[s..e]))
+                    .collect(),
+            );
+            start = end;
+        }
+        let mut start = 0;
+        let files: Vec<(&[u8], WholeFile<'_>)> = read
+            .iter()
+            .zip(&runs)
+            .map(|(&(i, end, ref meta), data)| {
+                let file = WholeFile {
+                    perm: meta.perm as u16,
+                    uid: meta.uid,
+                    gid: meta.gid,
+                    atime_ns: meta.atime_ns,
+                    mtime_ns: meta.mtime_ns,
+                    size: (end - start) as u64,
+                    data,
+                };
+                start = end;
+                (&group.files[i].1[..], file)
+            })
+            .collect();
+        let results = ns.make_files(dir, &files, Caller::ROOT)?;
+        let mut forget = Vec::with_capacity(results.len());
+        for ((&(i, _, _), (name, file)), result) in read.iter().zip(&files).zip(results) {
+            let rel = &group.files[i].0;
+            let made = result.map_err(Failure::Store).and_then(|a| {
+                let from = XattrSource::Entry(src, OsStr::from_bytes(name));
+                self.sync_xattrs(a.ino, from, true, None).inspect_err(|_| {
+                    // Made again by the next run, xattrs and all.
+                    let _ = ns.unlink(dir, name, Caller::ROOT);
+                })
+            });
+            match made {
+                Ok(()) => {
+                    bump(&self.counts.written, 1);
+                    bump(&self.counts.bytes, file.size);
+                    forget.push(Invalidation::Entry(dir, name.to_vec()));
+                }
+                Err(f) => self.fail(rel, f),
+            }
+        }
+        ns.invalidate(&forget);
+        for i in alone {
+            let (rel, name) = &group.files[i];
+            if let Err(f) = self.write_file(dir, src, name, false, buf) {
+                self.fail(rel, f);
+            }
+        }
+        Ok(())
     }
 
     /// Creates, with `make`, a file for `name` under a temp name no other entry has:
@@ -1307,6 +1453,37 @@ impl Run<'_> {
         }
         Ok(())
     }
+}
+
+/// What [`read_new_file`] found.
+enum Whole {
+    /// The file's bytes and metadata.
+    Read(usize, SourceMeta),
+    Gone,
+    /// More than the buffer holds (it grew since the listing).
+    TooBig,
+}
+
+/// Reads the regular file `name` of `src` whole into `buf`, with the metadata of what was
+/// opened.
+fn read_new_file(src: &SourceDir, name: &[u8], buf: &mut [u8]) -> Result<Whole, Failure> {
+    let mut reader = match src.open_file(OsStr::from_bytes(name)) {
+        Ok(r) => r,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Whole::Gone),
+        Err(e) => return Err(Failure::Source(e)),
+    };
+    let meta = source_meta(&reader.metadata().map_err(Failure::Source)?);
+    if meta.kind != EntryKind::File {
+        return Err(Failure::Source(io::Error::other(
+            "no longer a regular file; copied by the next run",
+        )));
+    }
+    Ok(
+        match read_whole(&mut reader, buf).map_err(Failure::Source)? {
+            Some(n) => Whole::Read(n, meta),
+            None => Whole::TooBig,
+        },
+    )
 }
 
 /// Reads all of `reader` into `buf`: the number of bytes, or `None` (and the reader back at

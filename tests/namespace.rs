@@ -296,6 +296,81 @@ fn make_file_stores_data_and_attributes_in_one_batch() {
     fx.fsck_clean();
 }
 
+/// Many files of one directory in one batch: the refused ones are left out and reported
+/// one by one, the rest are made, identical data is stored once.
+#[test]
+fn make_files_makes_the_good_ones_and_refuses_the_rest() {
+    let fx = Fixture::new();
+    let ns = fx.ns();
+    let c = ns.create_container("c", ROOT, 0o755).expect("container");
+    file_with(ns, c.root, "taken", b"old");
+    let shared = random(150_000, 9);
+    let other = random(70_000, 10);
+    fn file<'a>(data: &'a [(u64, &'a [u8])], size: u64) -> WholeFile<'a> {
+        WholeFile {
+            perm: 0o644,
+            uid: 1,
+            gid: 2,
+            atime_ns: 3,
+            mtime_ns: 4,
+            size,
+            data,
+        }
+    }
+    let one = [(0u64, &shared[..])];
+    let two = [(0u64, &other[..])];
+    let stored_before = ns.counters().stored_bytes;
+    let files = [
+        (&b"a"[..], file(&one, shared.len() as u64)),
+        (b"taken", file(&two, other.len() as u64)),
+        (b"b", file(&one, shared.len() as u64)),
+        (b"a", file(&two, other.len() as u64)),
+        (b"bad/name", file(&two, other.len() as u64)),
+        (b"past-size", file(&two, 10)),
+        (b"c", file(&two, other.len() as u64)),
+        (b"empty", file(&[], 0)),
+    ];
+    let results = ns.make_files(c.root, &files, ROOT).expect("make_files");
+    let refused: Vec<Option<FsError>> = results.iter().map(|r| r.as_ref().err().copied()).collect();
+    assert_eq!(
+        refused,
+        [
+            None,
+            Some(FsError::Exists),
+            None,
+            Some(FsError::Exists),
+            Some(FsError::Invalid),
+            Some(FsError::Invalid),
+            None,
+            None
+        ]
+    );
+    assert_eq!(names(ns, c.root), ["a", "b", "c", "empty", "taken"]);
+    assert_eq!(
+        read_all(ns, ns.lookup(c.root, b"taken").expect("lookup").ino),
+        b"old"
+    );
+    for (name, want) in [
+        ("a", &shared),
+        ("b", &shared),
+        ("c", &other),
+        ("empty", &vec![]),
+    ] {
+        let a = ns.lookup(c.root, name.as_bytes()).expect("lookup");
+        assert!(read_all(ns, a.ino) == *want, "{name}");
+        assert_eq!((a.rec.uid, a.rec.gid, a.rec.mtime), (1, 2, 4), "{name}");
+    }
+    let inos: std::collections::BTreeSet<InodeNo> = results
+        .iter()
+        .filter_map(|r| r.as_ref().ok().map(|a| a.ino))
+        .collect();
+    assert_eq!(inos.len(), 4, "an inode each");
+    // `shared` twice and `other` once: about 220 KB of incompressible bytes stored.
+    let added = ns.counters().stored_bytes - stored_before;
+    assert!(added < 230_000, "stored {added} bytes");
+    fx.fsck_clean();
+}
+
 #[test]
 fn files_beyond_4_gib() {
     let fx = Fixture::new();

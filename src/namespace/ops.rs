@@ -288,7 +288,13 @@ impl Namespace {
             },
         };
         self.put_inode(&mut txn, ino, &rec)?;
-        self.stage_new_entry(&mut txn, parent, &mut dir, name, ino, kind, now)?;
+        self.stage_dirent(&mut txn, parent, &dir, name, ino, kind)?;
+        if kind == Kind::Dir {
+            dir.nlink += 1;
+        }
+        dir.mtime = now;
+        dir.ctime = now;
+        self.put_inode(&mut txn, parent, &dir)?;
         txn.count(dir.container, |d| match kind {
             Kind::Dir => d.dirs += 1,
             Kind::File => d.files += 1,
@@ -308,82 +314,141 @@ impl Namespace {
         file: &WholeFile<'_>,
         caller: Caller,
     ) -> FsResult<Attr> {
+        let mut made = self.make_files(parent, &[(name, *file)], caller)?;
+        made.pop().unwrap_or(Err(FsError::Io))
+    }
+
+    /// [`Namespace::make_file`] for many files of one directory, in one batch: the
+    /// directory's record, the counters and the commit lock are paid once. One result per
+    /// file, in order; a file refused (`Exists`, `Invalid`, ...) is left out of the batch,
+    /// and a store error fails them all (the outer error).
+    pub fn make_files(
+        &self,
+        parent: InodeNo,
+        files: &[(&[u8], WholeFile<'_>)],
+        caller: Caller,
+    ) -> FsResult<Vec<FsResult<Attr>>> {
         writable(parent)?;
-        check_name(name)?;
-        file.check()?;
+        let checked: Vec<FsResult<()>> = files
+            .iter()
+            .map(|(name, file)| {
+                check_name(name)?;
+                file.check()
+            })
+            .collect();
         // Cut, hash and compress before taking the commit lock.
         let params = self.store.config.chunker;
         let mut chunks: Vec<(u64, &[u8])> = Vec::new();
-        for &(start, bytes) in file.data {
-            let mut at = start;
-            for c in chunking::split(&params, bytes) {
-                chunks.push((at, c));
-                at += c.len() as u64;
+        let mut first_chunk = Vec::with_capacity(files.len() + 1);
+        for ((_, file), checked) in files.iter().zip(&checked) {
+            first_chunk.push(chunks.len());
+            if checked.is_ok() {
+                for &(start, bytes) in file.data {
+                    let mut at = start;
+                    for c in chunking::split(&params, bytes) {
+                        chunks.push((at, c));
+                        at += c.len() as u64;
+                    }
+                }
             }
         }
+        first_chunk.push(chunks.len());
         let slices: Vec<&[u8]> = chunks.iter().map(|(_, c)| *c).collect();
         let compression = self.store.config.compression;
-        let prepared = chunking::prepare(&slices, compression, |id| self.chunk_is_stored(id));
-        let data_bytes: u64 = slices.iter().map(|c| c.len() as u64).sum();
+        let mut prepared = chunking::prepare(&slices, compression, |id| self.chunk_is_stored(id))
+            .into_iter()
+            .zip(&chunks);
 
         let mut st = self.commit.lock();
         let mut dir = self.dir_for_change(parent, caller)?;
-        if self.dirent(parent, name)?.is_some() || is_reserved(&dir, name) {
-            return Err(FsError::Exists);
-        }
         let mut txn = Txn::new(Sync::Process);
-        let ino = self.alloc_ino(&mut st, &mut txn);
+        let live = self.live_epoch(dir.container);
         let now = now_ns();
-        let rec = InodeRecord {
-            kind: Kind::File,
-            perm: file.perm & 0o7777,
-            uid: file.uid,
-            gid: file.gid,
-            size: file.size,
-            data_bytes,
-            parent: InodeNo(0),
-            atime: file.atime_ns,
-            mtime: file.mtime_ns,
-            ctime: now,
-            crtime: now,
-            nlink: 1,
-            rdev: 0,
-            generation: 0,
-            container: dir.container,
-            target: Vec::new(),
-        };
-        self.put_inode(&mut txn, ino, &rec)?;
-        for ((offset, _), p) in chunks.iter().zip(prepared) {
-            let extent = ExtentRecord {
-                chunk: p.id,
-                len: p.len,
+        let mut results = Vec::with_capacity(files.len());
+        let mut made: u64 = 0;
+        let mut logical: u64 = 0;
+        for (i, ((name, file), checked)) in files.iter().zip(checked).enumerate() {
+            // Taken whether or not the file is made: the next file's chunks follow.
+            let file_chunks: Vec<_> = prepared
+                .by_ref()
+                .take(first_chunk[i + 1] - first_chunk[i])
+                .collect();
+            if let Err(e) = checked {
+                results.push(Err(e));
+                continue;
+            }
+            let taken = self.dirent(parent, name)?.is_some()
+                || is_reserved(&dir, name)
+                || files[..i].iter().any(|(n, _)| n == name);
+            if taken {
+                results.push(Err(FsError::Exists));
+                continue;
+            }
+            let ino = self.alloc_ino(&mut st, &mut txn);
+            let mut rec = InodeRecord {
+                kind: Kind::File,
+                perm: file.perm & 0o7777,
+                uid: file.uid,
+                gid: file.gid,
+                size: file.size,
+                data_bytes: 0,
+                parent: InodeNo(0),
+                atime: file.atime_ns,
+                mtime: file.mtime_ns,
+                ctime: now,
+                crtime: now,
+                nlink: 1,
+                rdev: 0,
+                generation: 0,
+                container: dir.container,
+                target: Vec::new(),
             };
-            // A new inode has no older extent at any offset to retire or keep for a
-            // snapshot: each is put as a replaced one is.
-            self.put_extent(&mut txn, ino, *offset, dir.container, &extent, true)?;
-            txn.reference(p.id, p.encoded);
+            for (p, (offset, _)) in file_chunks {
+                let extent = ExtentRecord {
+                    chunk: p.id,
+                    len: p.len,
+                };
+                // A new inode has no older extent at any offset to retire or keep for a
+                // snapshot: each is put as a replaced one is.
+                self.put_extent(&mut txn, ino, *offset, dir.container, &extent, true)?;
+                rec.data_bytes += u64::from(p.len);
+                txn.reference(p.id, p.encoded);
+            }
+            // Nor an older version of its record.
+            txn.batch.put(
+                &self.kv,
+                Cf::Inode,
+                &key::versioned(&key::inode_prefix(ino), live),
+                &rec.encode(),
+            );
+            self.stage_dirent(&mut txn, parent, &dir, name, ino, Kind::File)?;
+            made += 1;
+            logical += rec.data_bytes;
+            results.push(Ok(Attr { ino, rec }));
         }
-        self.stage_new_entry(&mut txn, parent, &mut dir, name, ino, Kind::File, now)?;
+        if made == 0 {
+            return Ok(results);
+        }
+        dir.mtime = now;
+        dir.ctime = now;
+        self.put_inode(&mut txn, parent, &dir)?;
         txn.count(dir.container, |d| {
-            d.files += 1;
-            d.logical_bytes += data_bytes as i64;
+            d.files += made as i64;
+            d.logical_bytes += logical as i64;
         });
         self.apply(&mut st, txn, &|id| self.encode_among(&chunks, id))?;
-        Ok(Attr { ino, rec })
+        Ok(results)
     }
 
-    /// Stages a new entry `name` of `parent` (whose record is `dir`) for the new inode
-    /// `child`, and the parent's new times (and link count, for a directory).
-    #[allow(clippy::too_many_arguments)]
-    fn stage_new_entry(
+    /// Stages the entry `name` of `parent` (whose record is `dir`) for the new inode `child`.
+    fn stage_dirent(
         &self,
         txn: &mut Txn,
         parent: InodeNo,
-        dir: &mut InodeRecord,
+        dir: &InodeRecord,
         name: &[u8],
         child: InodeNo,
         kind: Kind,
-        now: i64,
     ) -> FsResult<()> {
         self.stage_version(
             txn,
@@ -392,12 +457,7 @@ impl Namespace {
             dir.container,
             Some(&DirentRecord { child, kind }.encode()),
         )?;
-        if kind == Kind::Dir {
-            dir.nlink += 1;
-        }
-        dir.mtime = now;
-        dir.ctime = now;
-        self.put_inode(txn, parent, dir)
+        Ok(())
     }
 
     pub fn readlink(&self, ino: InodeNo) -> FsResult<Vec<u8>> {
