@@ -302,10 +302,14 @@ pub fn ingest(
         Err(Failure::Source(e)) => run.entry_error(root_rel, &e),
         Err(Failure::Store(e)) => return Err(store_error(".", e)),
     }
-    let times = std::mem::take(&mut *run.dir_times.lock());
-    for (ino, atime, mtime) in times {
-        match ns.getattr(ino) {
-            Ok(a) if a.rec.atime == atime && a.rec.mtime == mtime => continue,
+    // Their records read with one cursor, in inode order (one iterator per lookup was a
+    // tenth of a generation's time, on one thread).
+    let mut times = std::mem::take(&mut *run.dir_times.lock());
+    times.sort_unstable_by_key(|(ino, _, _)| *ino);
+    let inos: Vec<InodeNo> = times.iter().map(|(ino, _, _)| *ino).collect();
+    for ((ino, atime, mtime), rec) in times.into_iter().zip(ns.inodes_live(&inos)) {
+        match rec {
+            Ok(r) if r.atime == atime && r.mtime == mtime => continue,
             Ok(_) => {}
             Err(FsError::NotFound) => continue,
             Err(e) => return Err(store_error(ns.describe(ino), e)),
