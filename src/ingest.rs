@@ -12,10 +12,10 @@
 //!   `/proc/self/fd/N/NAME`, directories are opened with O_NOFOLLOW, and a file's owner, mode
 //!   and times come from fstat of what was opened, so a copy is never more readable than
 //!   the file it came from.
-//! - A file that already exists and changed is replaced in one step: the new content is
-//!   written under a temporary name unique to the run and renamed over the old one, so a
-//!   reader through the mount, or a snapshot taken meanwhile, sees the old file or the new
-//!   one, never a mix.
+//! - A file that already exists and changed is replaced in one step, so a reader through the
+//!   mount, or a snapshot taken meanwhile, sees the old file or the new one, never a mix: a
+//!   small one in the batch that makes the new one, a big one by writing the new content
+//!   under a temporary name unique to the run and renaming it over the old one.
 //! - A file's size and mtime are set last, after its content and other metadata, or with
 //!   its content in one batch ([`Namespace::make_files`], for files that fit the read
 //!   buffer):
@@ -519,21 +519,28 @@ enum Task {
         /// The name exists (a changed file): write under a temp name and rename over it.
         replace: bool,
     },
-    /// Small files new to the directory `dir`, made in one batch.
-    NewFiles {
+    /// Small files of the directory `dir`, made in one batch.
+    SmallFiles {
         /// The directory's path.
         rel: PathBuf,
         dir: InodeNo,
         src: Arc<SourceDir>,
-        group: NewFiles,
+        group: SmallFiles,
     },
 }
 
-/// Small new files of one directory gathered into one task: (path, name) each.
+/// Small files of one directory gathered into one task.
 #[derive(Default)]
-struct NewFiles {
-    files: Vec<(PathBuf, Vec<u8>)>,
+struct SmallFiles {
+    files: Vec<GroupFile>,
     bytes: u64,
+}
+
+struct GroupFile {
+    rel: PathBuf,
+    name: Vec<u8>,
+    /// The name exists: the new file replaces it in the batch.
+    replace: bool,
 }
 
 struct Work {
@@ -685,14 +692,14 @@ impl Run<'_> {
                     let r = self.write_file(dir, &src, &name, replace, &mut buf);
                     (rel, r)
                 }
-                Task::NewFiles {
+                Task::SmallFiles {
                     rel,
                     dir,
                     src,
                     group,
                 } => {
                     group_buf.resize(GROUP_BYTES as usize + READ_BUF, 0);
-                    let r = self.write_new_files(dir, &src, group, &mut group_buf, &mut buf);
+                    let r = self.write_small_files(dir, &src, group, &mut group_buf, &mut buf);
                     (rel, r)
                 }
             }));
@@ -826,7 +833,7 @@ impl Run<'_> {
             .zip(ns.inodes_live(&file_inos))
             .collect();
         let mut xattr_cursor = ns.xattr_cursor();
-        let mut group = NewFiles::default();
+        let mut group = SmallFiles::default();
         for (name, meta) in wanted {
             let child = rel.join(OsStr::from_bytes(&name));
             if dir == self.container_root && name == SNAPSHOTS_DIR {
@@ -868,7 +875,7 @@ impl Run<'_> {
             }
         }
         if !group.files.is_empty() {
-            self.push(Task::NewFiles {
+            self.push(Task::SmallFiles {
                 rel: rel.to_path_buf(),
                 dir,
                 src,
@@ -973,7 +980,7 @@ impl Run<'_> {
         file: ListedFile,
         current: Option<&DirEntry>,
         (src, forget, xattr_cursor): (&Arc<SourceDir>, &mut Vec<Invalidation>, &mut Cursor<'_>),
-        group: &mut NewFiles,
+        group: &mut SmallFiles,
     ) -> Result<(), Failure> {
         let ListedFile {
             rel,
@@ -983,7 +990,8 @@ impl Run<'_> {
             record,
         } = file;
         bump(&self.counts.files, 1);
-        let replace = match current {
+        // (the name exists, as a file with other links)
+        let (replace, linked) = match current {
             Some(e) if e.kind == Kind::File => {
                 let r = match record {
                     Some(r) => r?,
@@ -1002,20 +1010,22 @@ impl Run<'_> {
                     bump(&self.counts.unchanged, 1);
                     return Ok(());
                 }
-                true
+                (true, r.nlink > 1)
             }
             Some(e) => {
                 self.remove(dir, e, forget)?;
-                false
+                (false, false)
             }
-            None => false,
+            None => (false, false),
         };
-        if !replace && meta.size <= READ_BUF as u64 {
+        // Small files are made in groups, replacing the old copy in the same batch; but two
+        // names of one inode cannot both be replaced in one batch, so a linked one is not.
+        if meta.size <= READ_BUF as u64 && !linked {
             let rel_dir = rel.parent().map(Path::to_path_buf).unwrap_or_default();
             group.bytes += meta.size;
-            group.files.push((rel, name));
+            group.files.push(GroupFile { rel, name, replace });
             if group.files.len() >= GROUP_FILES || group.bytes >= GROUP_BYTES {
-                self.push(Task::NewFiles {
+                self.push(Task::SmallFiles {
                     rel: rel_dir,
                     dir,
                     src: src.clone(),
@@ -1093,6 +1103,8 @@ impl Run<'_> {
                     mtime_ns: meta.mtime_ns,
                     size: n as u64,
                     data: &data,
+                    // Made under a temp name when it replaces a file.
+                    replace: false,
                 };
                 ns.make_file(dir, entry, &file, Caller::ROOT)
             }
@@ -1140,14 +1152,15 @@ impl Run<'_> {
         }
     }
 
-    /// Makes a group of small new files of `dir` in one batch, each read whole into
-    /// `group_buf`; a file that does not fit (it grew since the listing) is written alone.
-    /// Errors of one file are reported for it; a store error stops the ingest.
-    fn write_new_files(
+    /// Makes a group of small files of `dir` in one batch, each read whole into `group_buf`
+    /// (a changed one replaces its old copy in the batch); a file that does not fit (it
+    /// grew since the listing) is written alone. Errors of one file are reported for it; a
+    /// store error stops the ingest.
+    fn write_small_files(
         &self,
         dir: InodeNo,
         src: &SourceDir,
-        group: NewFiles,
+        group: SmallFiles,
         group_buf: &mut [u8],
         buf: &mut [u8],
     ) -> Result<(), Failure> {
@@ -1155,14 +1168,15 @@ impl Run<'_> {
         let mut read: Vec<(usize, usize, SourceMeta)> = Vec::new(); // (file, end in group_buf, meta)
         let mut alone = Vec::new();
         let mut at = 0;
-        for (i, (rel, name)) in group.files.iter().enumerate() {
+        for (i, GroupFile { rel, name, replace }) in group.files.iter().enumerate() {
             let room = (group_buf.len() - at).min(READ_BUF);
             match read_new_file(src, name, &mut group_buf[at..at + room]) {
                 Ok(Whole::Read(n, meta)) => {
                     at += n;
                     read.push((i, at, meta));
                 }
-                // Vanished since the listing; it was new, so there is nothing to remove.
+                // Vanished since the listing: its old copy, if any, goes too.
+                Ok(Whole::Gone) if *replace => alone.push(i),
                 Ok(Whole::Gone) => {}
                 Ok(Whole::TooBig) => alone.push(i),
                 Err(f) => self.fail(rel, f),
@@ -1193,15 +1207,16 @@ impl Run<'_> {
                     mtime_ns: meta.mtime_ns,
                     size: (end - start) as u64,
                     data,
+                    replace: group.files[i].replace,
                 };
                 start = end;
-                (&group.files[i].1[..], file)
+                (&group.files[i].name[..], file)
             })
             .collect();
         let results = ns.make_files(dir, &files, Caller::ROOT)?;
         let mut forget = Vec::with_capacity(results.len());
         for ((&(i, _, _), (name, file)), result) in read.iter().zip(&files).zip(results) {
-            let rel = &group.files[i].0;
+            let rel = &group.files[i].rel;
             let made = result.map_err(Failure::Store).and_then(|a| {
                 let from = XattrSource::Entry(src, OsStr::from_bytes(name));
                 self.sync_xattrs(a.ino, from, true, None).inspect_err(|_| {
@@ -1220,9 +1235,9 @@ impl Run<'_> {
         }
         ns.invalidate(&forget);
         for i in alone {
-            let (rel, name) = &group.files[i];
-            if let Err(f) = self.write_file(dir, src, name, false, buf) {
-                self.fail(rel, f);
+            let f = &group.files[i];
+            if let Err(failure) = self.write_file(dir, src, &f.name, f.replace, buf) {
+                self.fail(&f.rel, failure);
             }
         }
         Ok(())

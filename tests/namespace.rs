@@ -226,6 +226,7 @@ fn make_file_stores_data_and_attributes_in_one_batch() {
         mtime_ns: 2_000_000_000_456,
         size,
         data: &data,
+        replace: false,
     };
     let ns = fx.ns();
     file_with(ns, c.root, "same-as-a", &a);
@@ -315,6 +316,7 @@ fn make_files_makes_the_good_ones_and_refuses_the_rest() {
             mtime_ns: 4,
             size,
             data,
+            replace: false,
         }
     }
     let one = [(0u64, &shared[..])];
@@ -368,6 +370,84 @@ fn make_files_makes_the_good_ones_and_refuses_the_rest() {
     // `shared` twice and `other` once: about 220 KB of incompressible bytes stored.
     let added = ns.counters().stored_bytes - stored_before;
     assert!(added < 230_000, "stored {added} bytes");
+    fx.fsck_clean();
+}
+
+/// With `replace`, a made file takes the place of the file of that name in its batch: the
+/// old one is gone (or lives on while open, or in a snapshot), as after a rename over it.
+#[test]
+fn make_files_replace_old_files_as_a_rename_over_them_would() {
+    let fx = Fixture::new();
+    let ns = fx.ns();
+    let c = ns.create_container("c", ROOT, 0o755).expect("container");
+    let old_data = random(300_000, 11);
+    let plain = file_with(ns, c.root, "plain", &old_data);
+    let open = file_with(ns, c.root, "open", &old_data);
+    let linked = file_with(ns, c.root, "linked", b"linked");
+    ns.link(linked, c.root, b"linked-too", ROOT).expect("link");
+    mkdir(ns, c.root, "dir");
+    ns.create_snapshot("c", Some("before")).expect("snapshot");
+    ns.open(open).expect("open");
+    let new_data = random(20_000, 12);
+    let data = [(0u64, &new_data[..])];
+    let whole = WholeFile {
+        perm: 0o600,
+        uid: 5,
+        gid: 6,
+        atime_ns: 7,
+        mtime_ns: 8,
+        size: new_data.len() as u64,
+        data: &data,
+        replace: true,
+    };
+    let files = [
+        (&b"plain"[..], whole),
+        (b"open", whole),
+        (b"linked", whole),
+        (b"linked-too", whole),
+        (b"dir", whole),
+        (
+            b"plain-no",
+            WholeFile {
+                replace: false,
+                ..whole
+            },
+        ),
+    ];
+    file_with(ns, c.root, "plain-no", b"kept");
+    let results = ns.make_files(c.root, &files, ROOT).expect("make_files");
+    let refused: Vec<Option<FsError>> = results.iter().map(|r| r.as_ref().err().copied()).collect();
+    assert_eq!(
+        refused,
+        [
+            None,
+            None,
+            None,
+            Some(FsError::Busy),
+            Some(FsError::IsDir),
+            Some(FsError::Exists)
+        ]
+    );
+    for name in ["plain", "open", "linked"] {
+        let a = ns.lookup(c.root, name.as_bytes()).expect("lookup");
+        assert!(read_all(ns, a.ino) == new_data, "{name}");
+        assert_eq!((a.rec.uid, a.rec.mtime, a.rec.nlink), (5, 8, 1), "{name}");
+    }
+    assert_eq!(ns.getattr(plain).map(|a| a.ino), Err(FsError::NotFound));
+    // Still open: readable until released, then gone.
+    assert!(read_all(ns, open) == old_data);
+    ns.release(open).expect("release");
+    assert_eq!(ns.getattr(open).map(|a| a.ino), Err(FsError::NotFound));
+    // The other name of the linked file keeps it, with one link less.
+    let other = ns.lookup(c.root, b"linked-too").expect("lookup");
+    assert_eq!((other.ino, other.rec.nlink), (linked, 1));
+    assert_eq!(read_all(ns, other.ino), b"linked");
+    // The snapshot still has the old files.
+    let snap = snapshot_root(ns, c.root, "before");
+    let old = ns.lookup(snap, b"plain").expect("in the snapshot");
+    assert!(read_all(ns, old.ino) == old_data);
+    fx.fsck_clean();
+    ns.delete_snapshot("c", "before").expect("delete");
     fx.fsck_clean();
 }
 

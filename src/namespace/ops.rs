@@ -50,6 +50,9 @@ pub struct WholeFile<'a> {
     pub size: u64,
     /// The file's data by offset: ascending, not overlapping, none past `size`.
     pub data: &'a [(u64, &'a [u8])],
+    /// When the name is taken by a file (not a directory), the new file takes its place in
+    /// the same batch, as a rename over it would; else a taken name is `Exists`.
+    pub replace: bool,
 }
 
 impl WholeFile<'_> {
@@ -305,8 +308,9 @@ impl Namespace {
     }
 
     /// Creates a regular file with its data, owner, mode and times in one batch: what a
-    /// create, writes, a close and a setattr do, without the open file in between. For
-    /// writers that have a whole file in hand (the ingest); `Exists` if `name` is taken.
+    /// create, writes, a close and a setattr do, without the open file in between (and, with
+    /// [`WholeFile::replace`], a rename over the old file). For writers that have a whole
+    /// file in hand (the ingest).
     pub fn make_file(
         &self,
         parent: InodeNo,
@@ -321,7 +325,8 @@ impl Namespace {
     /// [`Namespace::make_file`] for many files of one directory, in one batch: the
     /// directory's record, the counters and the commit lock are paid once. One result per
     /// file, in order; a file refused (`Exists`, `Invalid`, ...) is left out of the batch,
-    /// and a store error fails them all (the outer error).
+    /// and a store error fails them all (the outer error). Two files replacing names of one
+    /// inode: the second is refused with `Busy` (make it in a batch of its own).
     pub fn make_files(
         &self,
         parent: InodeNo,
@@ -365,6 +370,7 @@ impl Namespace {
         let live = self.live_epoch(dir.container);
         let now = now_ns();
         let mut results = Vec::with_capacity(files.len());
+        let mut replaced = std::collections::HashSet::new();
         let mut made: u64 = 0;
         let mut logical: u64 = 0;
         for (i, ((name, file), checked)) in files.iter().zip(checked).enumerate() {
@@ -377,12 +383,37 @@ impl Namespace {
                 results.push(Err(e));
                 continue;
             }
-            let taken = self.dirent(parent, name)?.is_some()
-                || is_reserved(&dir, name)
-                || files[..i].iter().any(|(n, _)| n == name);
-            if taken {
+            if is_reserved(&dir, name) || files[..i].iter().any(|(n, _)| n == name) {
                 results.push(Err(FsError::Exists));
                 continue;
+            }
+            // The file this one replaces: checked before anything of this file is staged.
+            let old = match self.dirent(parent, name)? {
+                None => None,
+                Some(_) if !file.replace => {
+                    results.push(Err(FsError::Exists));
+                    continue;
+                }
+                Some(e) => {
+                    let rec = self.inode(e.child)?;
+                    let refused = if rec.kind == Kind::Dir {
+                        Some(FsError::IsDir)
+                    } else if replaced.contains(&e.child) {
+                        Some(FsError::Busy)
+                    } else {
+                        check_sticky(&dir, &rec, caller).err()
+                    };
+                    if let Some(err) = refused {
+                        results.push(Err(err));
+                        continue;
+                    }
+                    Some((e.child, rec))
+                }
+            };
+            if let Some((old_ino, mut old_rec)) = old {
+                // Its entry gets the new version below.
+                self.stage_unref_inode(&mut txn, old_ino, &mut old_rec, now)?;
+                replaced.insert(old_ino);
             }
             let ino = self.alloc_ino(&mut st, &mut txn);
             let mut rec = InodeRecord {
