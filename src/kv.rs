@@ -225,6 +225,9 @@ impl Kv {
             .map_err(KvError::from_engine)?;
         let mut table = rocksdb::BlockBasedOptions::default();
         table.set_block_cache(&cache);
+        // Most point lookups of a first ingest miss (the reference count of a chunk not
+        // stored yet): a bloom filter answers them without reading index and data blocks.
+        table.set_bloom_filter(10.0, false);
         let descriptors = Cf::ALL.iter().map(|cf| {
             let mut cf_opts = rocksdb::Options::default();
             cf_opts.set_block_based_table_factory(&table);
