@@ -1217,18 +1217,26 @@ impl Run<'_> {
         let mut forget = Vec::with_capacity(results.len());
         for ((&(i, _, _), (name, file)), result) in read.iter().zip(&files).zip(results) {
             let rel = &group.files[i].rel;
-            let made = result.map_err(Failure::Store).and_then(|a| {
-                let from = XattrSource::Entry(src, OsStr::from_bytes(name));
-                self.sync_xattrs(a.ino, from, true, None).inspect_err(|_| {
-                    // Made again by the next run, xattrs and all.
-                    let _ = ns.unlink(dir, name, Caller::ROOT);
-                })
-            });
-            match made {
+            let made = match result {
+                Ok(a) => a,
+                // Two names of one inode, both replaced: the one refused goes alone.
+                Err(FsError::Busy) => {
+                    alone.push(i);
+                    continue;
+                }
+                Err(e) => {
+                    self.fail(rel, Failure::Store(e));
+                    continue;
+                }
+            };
+            forget.push(Invalidation::Entry(dir, name.to_vec()));
+            // Content, size and mtime are in: a failure with xattrs leaves the file as it is
+            // (the next run compares xattrs again and sets them).
+            let from = XattrSource::Entry(src, OsStr::from_bytes(name));
+            match self.sync_xattrs(made.ino, from, true, None) {
                 Ok(()) => {
                     bump(&self.counts.written, 1);
                     bump(&self.counts.bytes, file.size);
-                    forget.push(Invalidation::Entry(dir, name.to_vec()));
                 }
                 Err(f) => self.fail(rel, f),
             }

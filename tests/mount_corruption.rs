@@ -318,6 +318,53 @@ fn a_later_write_of_the_same_content_replaces_the_damaged_chunk() {
     m.finish();
 }
 
+/// `dedupfs ingest` replacing a changed small file whose old and new content both hold the
+/// damaged chunk: the batch releases and references it again, and must still store the
+/// verified bytes it brings (the other file holding the chunk is healed).
+#[test]
+fn an_ingest_replacing_a_file_repairs_the_damaged_chunk_it_holds() {
+    let Damaged {
+        m,
+        path,
+        data,
+        start,
+        len,
+        ..
+    } = damaged();
+    // A source file holding exactly the damaged chunk's bytes: one chunk, the same one.
+    let src = m.store.parent().unwrap().join("ingest-src");
+    std::fs::create_dir(&src).unwrap();
+    let piece = &data[start as usize..(start + len) as usize];
+    std::fs::write(src.join("piece"), piece).unwrap();
+    // Before the damage is known, the copy deduplicates onto the damaged chunk.
+    common::ok(common::run(
+        &m.store,
+        &["ingest", src.to_str().unwrap(), "c/sub"],
+    ));
+    let f = File::open(&path).unwrap();
+    let err = pread(&f, start, len).expect_err("the damaged range fails");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    drop(f);
+    // Changed (new mtime, same bytes): replaced in its group's batch.
+    let later = std::time::SystemTime::now() + std::time::Duration::from_secs(10);
+    File::options()
+        .write(true)
+        .open(src.join("piece"))
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
+    common::ok(common::run(
+        &m.store,
+        &["ingest", src.to_str().unwrap(), "c/sub"],
+    ));
+    assert!(std::fs::read(m.c().join("sub/piece")).unwrap() == piece);
+    assert!(
+        std::fs::read(&path).unwrap() == data,
+        "the damaged file is healed by the ingest"
+    );
+    m.finish();
+}
+
 #[test]
 fn scrub_finds_quarantines_and_a_rewrite_after_a_remount_repairs() {
     let Damaged {

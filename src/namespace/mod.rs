@@ -777,7 +777,10 @@ impl Namespace {
         let mut reclaimed = Vec::new();
         let mut repaired = Vec::new();
         for (id, delta) in &txn.refs {
-            if *delta == 0 {
+            // A chunk released and referenced again in one batch (a file replaced by one
+            // that shares it) is untouched, unless its stored copy is damaged and the batch
+            // brings verified bytes: the repair below must not be skipped.
+            if *delta == 0 && !(txn.payloads.contains_key(id) && self.chunks.is_suspect(id)) {
                 continue;
             }
             let old = self.chunks.refcount(id)?;

@@ -395,7 +395,14 @@ impl Namespace {
                     continue;
                 }
                 Some(e) => {
-                    let rec = self.inode(e.child)?;
+                    // An entry whose inode cannot be read concerns that file alone.
+                    let rec = match self.inode(e.child) {
+                        Ok(rec) => rec,
+                        Err(err) => {
+                            results.push(Err(err));
+                            continue;
+                        }
+                    };
                     let refused = if rec.kind == Kind::Dir {
                         Some(FsError::IsDir)
                     } else if replaced.contains(&e.child) {
