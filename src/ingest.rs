@@ -1095,17 +1095,8 @@ impl Run<'_> {
                 let data: Vec<(u64, &[u8])> = data_runs(&buf[..n])
                     .map(|(start, end)| (start as u64, &buf[start..end]))
                     .collect();
-                let file = WholeFile {
-                    perm: meta.perm as u16,
-                    uid: meta.uid,
-                    gid: meta.gid,
-                    atime_ns: meta.atime_ns,
-                    mtime_ns: meta.mtime_ns,
-                    size: n as u64,
-                    data: &data,
-                    // Made under a temp name when it replaces a file.
-                    replace: false,
-                };
+                // Made under a temp name when it replaces a file.
+                let file = whole_file(&meta, n, &data, false);
                 ns.make_file(dir, entry, &file, Caller::ROOT)
             }
             None => ns.make_node(dir, entry, Kind::File, 0o600, 0, b"", Caller::ROOT),
@@ -1199,16 +1190,7 @@ impl Run<'_> {
             .iter()
             .zip(&runs)
             .map(|(&(i, end, ref meta), data)| {
-                let file = WholeFile {
-                    perm: meta.perm as u16,
-                    uid: meta.uid,
-                    gid: meta.gid,
-                    atime_ns: meta.atime_ns,
-                    mtime_ns: meta.mtime_ns,
-                    size: (end - start) as u64,
-                    data,
-                    replace: group.files[i].replace,
-                };
+                let file = whole_file(meta, end - start, data, group.files[i].replace);
                 start = end;
                 (&group.files[i].name[..], file)
             })
@@ -1242,6 +1224,9 @@ impl Run<'_> {
             }
         }
         ns.invalidate(&forget);
+        if self.work.lock().stopped {
+            return Ok(());
+        }
         for i in alone {
             let f = &group.files[i];
             if let Err(failure) = self.write_file(dir, src, &f.name, f.replace, buf) {
@@ -1479,6 +1464,26 @@ impl Run<'_> {
             ns.invalidate(&[Invalidation::Inode(ino)]);
         }
         Ok(())
+    }
+}
+
+/// A file read whole, for [`Namespace::make_files`], with the owner, mode and times of
+/// `meta`.
+fn whole_file<'a>(
+    meta: &SourceMeta,
+    size: usize,
+    data: &'a [(u64, &'a [u8])],
+    replace: bool,
+) -> WholeFile<'a> {
+    WholeFile {
+        perm: meta.perm as u16,
+        uid: meta.uid,
+        gid: meta.gid,
+        atime_ns: meta.atime_ns,
+        mtime_ns: meta.mtime_ns,
+        size: size as u64,
+        data,
+        replace,
     }
 }
 
