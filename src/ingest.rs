@@ -1582,3 +1582,44 @@ fn display_rel(rel: &Path) -> String {
         rel.display().to_string()
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_runs_leave_aligned_zero_blocks_out() {
+        let b = HOLE_BLOCK;
+        let mut buf = vec![0u8; 5 * b + 100];
+        buf[10] = 1; // block 0: data
+        buf[3 * b + 5] = 2; // block 3: data; blocks 1-2 zero
+                            // block 4 zero, then a partial zero tail: the tail is too short to be a hole
+        assert_eq!(
+            data_runs(&buf).collect::<Vec<_>>(),
+            [(0, b), (3 * b, 4 * b), (5 * b, 5 * b + 100)]
+        );
+        assert_eq!(data_runs(&vec![0u8; 2 * b]).count(), 0, "all holes");
+        assert_eq!(data_runs(&[]).count(), 0);
+        assert_eq!(data_runs(&[7u8; 10]).collect::<Vec<_>>(), [(0, 10)]);
+    }
+
+    #[test]
+    fn read_whole_fits_or_rewinds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"0123456789").unwrap();
+        let mut buf = [0u8; 10];
+        // Exactly the buffer's size: whole.
+        let mut f = File::open(&path).unwrap();
+        assert_eq!(read_whole(&mut f, &mut buf).unwrap(), Some(10));
+        assert_eq!(&buf, b"0123456789");
+        // Bigger than the buffer (a file that grew): none, and the reader back at 0.
+        let mut small = [0u8; 4];
+        let mut f = File::open(&path).unwrap();
+        assert_eq!(read_whole(&mut f, &mut small).unwrap(), None);
+        let mut all = Vec::new();
+        f.read_to_end(&mut all).unwrap();
+        assert_eq!(all, b"0123456789");
+    }
+}
