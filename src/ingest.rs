@@ -857,8 +857,8 @@ impl Run<'_> {
                         meta,
                         record,
                     };
-                    let listing = (&src, &mut forget, &mut xattr_cursor);
-                    self.queue_file(file, current, listing, &mut group)
+                    let cursor = &mut xattr_cursor;
+                    self.queue_file(file, &src, current, &mut forget, cursor, &mut group)
                 }
                 EntryKind::Symlink => {
                     self.sync_symlink(dir, &src, &name, &meta, current, &mut forget)
@@ -978,8 +978,10 @@ impl Run<'_> {
     fn queue_file(
         &self,
         file: ListedFile,
+        src: &Arc<SourceDir>,
         current: Option<&DirEntry>,
-        (src, forget, xattr_cursor): (&Arc<SourceDir>, &mut Vec<Invalidation>, &mut Cursor<'_>),
+        forget: &mut Vec<Invalidation>,
+        xattr_cursor: &mut Cursor<'_>,
         group: &mut SmallFiles,
     ) -> Result<(), Failure> {
         let ListedFile {

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::{dedupfs, ok, Mounted};
+use common::{dedupfs, ok, random, Mounted};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
@@ -21,19 +21,6 @@ const GIB: u64 = 1024 * MIB;
 
 /// The unprivileged user of the permission tests.
 const NOBODY: u32 = 65534;
-
-/// Deterministic, poorly compressible bytes.
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
 
 fn errno<T: std::fmt::Debug>(r: io::Result<T>) -> i32 {
     match r {
@@ -239,7 +226,7 @@ fn eventually(what: &str, mut f: impl FnMut() -> bool) {
 fn pwrite_overwrite_second_fd_remount() {
     let mut m = Mounted::new();
     let path = m.c().join("f");
-    let base = pattern(3 * MIB as usize, 1);
+    let base = random(3 * MIB as usize, 1);
     let mut expect = base.clone();
     {
         let f = OpenOptions::new()
@@ -250,13 +237,13 @@ fn pwrite_overwrite_second_fd_remount() {
             .unwrap();
         f.write_all_at(&base, 0).unwrap();
         // Overwrite in the middle, across what is likely a chunk boundary.
-        let mid = pattern(200_000, 2);
+        let mid = random(200_000, 2);
         f.write_all_at(&mid, 1_000_000).unwrap();
         expect[1_000_000..1_200_000].copy_from_slice(&mid);
         // A small overwrite at an odd offset and one extending the file.
         f.write_all_at(b"hello", 12_345).unwrap();
         expect[12_345..12_350].copy_from_slice(b"hello");
-        let tail = pattern(10_000, 3);
+        let tail = random(10_000, 3);
         f.write_all_at(&tail, 3 * MIB - 5_000).unwrap();
         expect.truncate(3 * MIB as usize - 5_000);
         expect.extend_from_slice(&tail);
@@ -308,19 +295,19 @@ fn exclusive_create_and_writes_past_the_dirty_bound() {
         );
         // 40 MiB in 1 MiB writes: more than one write buffer's worth, committed on the way.
         for i in 0..40u64 {
-            f.write_all(&pattern(MIB as usize, 100 + i)).unwrap();
+            f.write_all(&random(MIB as usize, 100 + i)).unwrap();
         }
         // Overwrites that straddle what was committed and what is still pending.
-        f.write_all_at(&pattern(3 * MIB as usize, 200), 30 * MIB + 7)
+        f.write_all_at(&random(3 * MIB as usize, 200), 30 * MIB + 7)
             .unwrap();
         f.write_all_at(b"first", 0).unwrap();
     }
     let mut expect = Vec::with_capacity(40 * MIB as usize);
     for i in 0..40u64 {
-        expect.extend_from_slice(&pattern(MIB as usize, 100 + i));
+        expect.extend_from_slice(&random(MIB as usize, 100 + i));
     }
     let at = (30 * MIB + 7) as usize;
-    expect[at..at + 3 * MIB as usize].copy_from_slice(&pattern(3 * MIB as usize, 200));
+    expect[at..at + 3 * MIB as usize].copy_from_slice(&random(3 * MIB as usize, 200));
     expect[..5].copy_from_slice(b"first");
     let got = fs::read(&path).unwrap();
     assert_eq!(got.len(), expect.len());
@@ -336,7 +323,7 @@ fn exclusive_create_and_writes_past_the_dirty_bound() {
 fn sparse_file_with_gib_hole() {
     let mut m = Mounted::new();
     let path = m.c().join("sparse");
-    let data = pattern(4096, 4);
+    let data = random(4096, 4);
     {
         let f = File::create(&path).unwrap();
         f.write_all_at(&data, GIB).unwrap();
@@ -445,7 +432,7 @@ fn append_from_two_fds() {
 #[test]
 fn truncate_and_ftruncate_grow_and_shrink() {
     let mut m = Mounted::new();
-    let data = pattern(MIB as usize, 5);
+    let data = random(MIB as usize, 5);
 
     // Committed data (written, closed), then shrunk by path, mid-chunk.
     let p = m.c().join("committed");
@@ -530,7 +517,7 @@ fn truncate_and_ftruncate_grow_and_shrink() {
 fn unlink_open_file() {
     let mut m = Mounted::new();
     let path = m.c().join("doomed");
-    let data = pattern(2 * MIB as usize, 6);
+    let data = random(2 * MIB as usize, 6);
     fs::write(&path, &data).unwrap();
     let chunks_before = stats_chunks(&m);
     assert!(container_info(&m, "c")["logical_bytes"].as_u64().unwrap() >= 2 * MIB);
@@ -590,7 +577,7 @@ fn rename_plain_overwrite_across_dirs() {
     assert_eq!(fs::read(c.join("b")).unwrap(), b"A");
 
     // Overwrite an existing file: the target's old bytes are gone.
-    fs::write(c.join("victim"), pattern(300_000, 7)).unwrap();
+    fs::write(c.join("victim"), random(300_000, 7)).unwrap();
     let victim_ino = fs::metadata(c.join("victim")).unwrap().ino();
     let b_ino = fs::metadata(c.join("b")).unwrap().ino();
     fs::rename(c.join("b"), c.join("victim")).unwrap();
@@ -781,7 +768,7 @@ fn rename_errors_einval_enotempty_exdev() {
 fn rename_over_an_open_file() {
     let mut m = Mounted::new();
     let c = m.c();
-    let old = pattern(500_000, 11);
+    let old = random(500_000, 11);
     fs::write(c.join("target"), &old).unwrap();
     fs::write(c.join("new"), b"replacement").unwrap();
     let f = File::open(c.join("target")).unwrap();
@@ -1443,7 +1430,7 @@ fn xattrs_set_get_list_remove() {
 
     setxattr(&f, "user.a", b"hello", 0).unwrap();
     setxattr(&f, "user.empty", b"", 0).unwrap();
-    let big = pattern(60_000, 8);
+    let big = random(60_000, 8);
     setxattr(&f, "user.big", &big, 0).unwrap();
     assert_eq!(getxattr(&f, "user.a").unwrap(), b"hello");
     assert_eq!(getxattr(&f, "user.empty").unwrap(), b"");
@@ -1515,7 +1502,7 @@ fn statfs_fields() {
     assert!(s.f_blocks > 0);
     assert_eq!(s.f_namemax, 255);
     // The same through a container and a file inside.
-    fs::write(m.c().join("f"), pattern(2 * MIB as usize, 9)).unwrap();
+    fs::write(m.c().join("f"), random(2 * MIB as usize, 9)).unwrap();
     let s2 = statvfs(&m.c().join("f")).unwrap();
     assert_eq!(s2.f_namemax, 255);
     assert!(s2.f_blocks >= s2.f_bfree);
@@ -1538,7 +1525,7 @@ fn statfs_fields() {
 fn fsync_fdatasync_and_durability() {
     let mut m = Mounted::new();
     let path = m.c().join("synced");
-    let data = pattern(3 * MIB as usize, 10);
+    let data = random(3 * MIB as usize, 10);
     let f = File::create(&path).unwrap();
     f.write_all_at(&data, 0).unwrap();
     // SAFETY: a valid open fd.

@@ -14,23 +14,10 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use common::{dedupfs, ok, Mounted};
+use common::{dedupfs, ok, random, Mounted};
 
 const KIB: usize = 1024;
 const MIB: usize = 1024 * KIB;
-
-/// Deterministic, poorly compressible bytes.
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
 
 fn errno<T: std::fmt::Debug>(r: io::Result<T>) -> i32 {
     match r {
@@ -259,7 +246,7 @@ fn write_file(p: &Path, data: &[u8]) {
 
 /// A tree with every kind of thing a snapshot must keep.
 fn populate(c: &Path) {
-    write_file(&c.join("big"), &pattern(3 * MIB / 2, 1));
+    write_file(&c.join("big"), &random(3 * MIB / 2, 1));
     write_file(&c.join("small"), b"hello");
     fs::set_permissions(c.join("small"), fs::Permissions::from_mode(0o640)).expect("chmod");
     std::os::unix::fs::chown(c.join("small"), Some(1234), Some(5678)).expect("chown");
@@ -273,17 +260,17 @@ fn populate(c: &Path) {
     {
         let f = File::create(c.join("sparse")).expect("create");
         use std::os::unix::fs::FileExt;
-        f.write_all_at(&pattern(4096, 2), 0).expect("write");
-        f.write_all_at(&pattern(4096, 3), 10 * MIB as u64)
+        f.write_all_at(&random(4096, 2), 0).expect("write");
+        f.write_all_at(&random(4096, 3), 10 * MIB as u64)
             .expect("write");
     }
     fs::create_dir(c.join("sub")).expect("mkdir");
     fs::set_permissions(c.join("sub"), fs::Permissions::from_mode(0o750)).expect("chmod");
     lsetxattr(&c.join("sub"), "user.dir", b"on a directory").expect("setxattr");
     fs::create_dir(c.join("sub/deep")).expect("mkdir");
-    write_file(&c.join("sub/deep/file"), &pattern(200 * KIB, 4));
+    write_file(&c.join("sub/deep/file"), &random(200 * KIB, 4));
     lsetxattr(&c.join("sub/deep/file"), "user.a", b"1").expect("setxattr");
-    lsetxattr(&c.join("sub/deep/file"), "user.b", &pattern(1000, 5)).expect("setxattr");
+    lsetxattr(&c.join("sub/deep/file"), "user.b", &random(1000, 5)).expect("setxattr");
     std::os::unix::fs::symlink("../small", c.join("sub/sym")).expect("symlink");
     fs::create_dir(c.join("empty-dir")).expect("mkdir");
     File::create(c.join("empty-file")).expect("create");
@@ -303,7 +290,7 @@ fn change(c: &Path) {
             .write(true)
             .open(c.join("big"))
             .expect("open");
-        f.write_all_at(&pattern(100 * KIB, 10), 500_000)
+        f.write_all_at(&random(100 * KIB, 10), 500_000)
             .expect("overwrite");
         f.write_all_at(b"appended", 3 * MIB as u64 / 2)
             .expect("append");
@@ -516,7 +503,7 @@ fn snapshots_are_read_only() {
     let mut f = File::open(s.join("big")).expect("open");
     let mut data = Vec::new();
     io::Read::read_to_end(&mut f, &mut data).expect("read");
-    assert!(data == pattern(3 * MIB / 2, 1));
+    assert!(data == random(3 * MIB / 2, 1));
     drop(f);
     m.finish();
 }
@@ -533,10 +520,10 @@ fn snapshot_list_and_delete_give_space_back() {
     let created = dedupfs::store::now_ns();
     let empty_before = stored_bytes(&m);
     // Data only the snapshot will hold: a large file deleted, and one overwritten.
-    write_file(&c.join("gone"), &pattern(2 * MIB, 20));
+    write_file(&c.join("gone"), &random(2 * MIB, 20));
     snapshot_create(&m, "s2");
     fs::remove_file(c.join("gone")).expect("unlink");
-    write_file(&c.join("big"), &pattern(3 * MIB / 2, 21));
+    write_file(&c.join("big"), &random(3 * MIB / 2, 21));
     let list = snapshot_list(&m);
     assert_eq!(list.len(), 2, "{list:?}");
     let s1 = &list[0];
@@ -580,7 +567,7 @@ fn snapshot_list_and_delete_give_space_back() {
         .as_u64()
         .expect("reclaimable_bytes");
     assert!(promised > MIB as u64, "{promised}");
-    assert!(fs::read(c.join(".snapshots/s1/big")).expect("read") == pattern(3 * MIB / 2, 1));
+    assert!(fs::read(c.join(".snapshots/s1/big")).expect("read") == random(3 * MIB / 2, 1));
     let stored = stored_bytes(&m);
     snapshot_delete(&m, "s1");
     assert_eq!(stored - stored_bytes(&m), promised, "space given back");
@@ -710,7 +697,7 @@ fn cp_p_keeps_mtime_into_the_snapshot() {
     let m = Mounted::new();
     let c = m.c();
     let src = m.dir.path().join("src");
-    write_file(&src, &pattern(100 * KIB, 30));
+    write_file(&src, &random(100 * KIB, 30));
     set_times(&src, 978_307_200_000_000_000, 978_307_200_000_000_000).expect("utimens");
     let status = std::process::Command::new("cp")
         .arg("-p")

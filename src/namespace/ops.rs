@@ -291,7 +291,8 @@ impl Namespace {
             },
         };
         self.put_inode(&mut txn, ino, &rec)?;
-        self.stage_dirent(&mut txn, parent, &dir, name, ino, kind)?;
+        let entry = DirentRecord { child: ino, kind };
+        self.stage_entry(&mut txn, parent, name, dir.container, Some(entry))?;
         if kind == Kind::Dir {
             dir.nlink += 1;
         }
@@ -459,7 +460,11 @@ impl Namespace {
                 &key::versioned(&key::inode_prefix(ino), live),
                 &rec.encode(),
             );
-            self.stage_dirent(&mut txn, parent, &dir, name, ino, Kind::File)?;
+            let entry = DirentRecord {
+                child: ino,
+                kind: Kind::File,
+            };
+            self.stage_entry(&mut txn, parent, name, dir.container, Some(entry))?;
             made += 1;
             logical += rec.data_bytes;
             results.push(Ok(Attr { ino, rec }));
@@ -478,22 +483,22 @@ impl Namespace {
         Ok(results)
     }
 
-    /// Stages the entry `name` of `parent` (whose record is `dir`) for the new inode `child`.
-    fn stage_dirent(
+    /// Stages the entry `name` of `parent` in `container`: pointing at `entry`, or with
+    /// `None` its removal.
+    fn stage_entry(
         &self,
         txn: &mut Txn,
         parent: InodeNo,
-        dir: &InodeRecord,
         name: &[u8],
-        child: InodeNo,
-        kind: Kind,
+        container: ContainerId,
+        entry: Option<DirentRecord>,
     ) -> FsResult<()> {
         self.stage_version(
             txn,
             Cf::Dirent,
             &key::dirent_prefix(parent, name),
-            dir.container,
-            Some(&DirentRecord { child, kind }.encode()),
+            container,
+            entry.map(|e| e.encode()).as_ref().map(|v| &v[..]),
         )?;
         Ok(())
     }
@@ -601,7 +606,7 @@ impl Namespace {
         }
         let now = now_ns();
         let mut txn = Txn::new(Sync::Process);
-        self.stage_entry_delete(&mut txn, parent, name, dir.container)?;
+        self.stage_entry(&mut txn, parent, name, dir.container, None)?;
         if rec.kind == Kind::Dir {
             dir.nlink = dir.nlink.saturating_sub(1);
         }
@@ -610,23 +615,6 @@ impl Namespace {
         self.put_inode(&mut txn, parent, &dir)?;
         self.stage_unref_inode(&mut txn, entry.child, &mut rec, now)?;
         self.apply(&mut st, txn, &|_| None)
-    }
-
-    fn stage_entry_delete(
-        &self,
-        txn: &mut Txn,
-        parent: InodeNo,
-        name: &[u8],
-        container: ContainerId,
-    ) -> FsResult<()> {
-        self.stage_version(
-            txn,
-            Cf::Dirent,
-            &key::dirent_prefix(parent, name),
-            container,
-            None,
-        )?;
-        Ok(())
     }
 
     /// Drops one link to `ino`. At zero links the inode goes, or, while it is open, goes on
@@ -766,16 +754,6 @@ impl Namespace {
         let now = now_ns();
         let container = src_dir.container;
         let mut txn = Txn::new(Sync::Process);
-        let put_entry = |txn: &mut Txn, dir: InodeNo, n: &[u8], d: DirentRecord| {
-            self.stage_version(
-                txn,
-                Cf::Dirent,
-                &key::dirent_prefix(dir, n),
-                container,
-                Some(&d.encode()),
-            )
-            .map(|_| ())
-        };
         let same_dir = parent == new_parent;
         if exchange {
             let other = target.ok_or(FsError::NotFound)?;
@@ -784,8 +762,8 @@ impl Namespace {
             if other_rec.kind == Kind::Dir && self.is_ancestor(other.child, parent)? {
                 return Err(FsError::Invalid);
             }
-            put_entry(&mut txn, parent, name, other)?;
-            put_entry(&mut txn, new_parent, new_name, entry)?;
+            self.stage_entry(&mut txn, parent, name, container, Some(other))?;
+            self.stage_entry(&mut txn, new_parent, new_name, container, Some(entry))?;
             if !same_dir {
                 if moved.kind == Kind::Dir {
                     moved.parent = new_parent;
@@ -824,8 +802,8 @@ impl Namespace {
                 }
                 self.stage_unref_inode(&mut txn, t.child, &mut trec, now)?;
             }
-            self.stage_entry_delete(&mut txn, parent, name, container)?;
-            put_entry(&mut txn, new_parent, new_name, entry)?;
+            self.stage_entry(&mut txn, parent, name, container, None)?;
+            self.stage_entry(&mut txn, new_parent, new_name, container, Some(entry))?;
             if moved.kind == Kind::Dir && !same_dir {
                 moved.parent = new_parent;
                 src_dir.nlink -= 1;

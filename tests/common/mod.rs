@@ -35,7 +35,7 @@ pub fn random(len: usize, seed: u64) -> Vec<u8> {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            x as u8
+            (x >> 24) as u8
         })
         .collect()
 }
