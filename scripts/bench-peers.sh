@@ -38,8 +38,10 @@
 # `cargo build --release` now, then target/release/dedupfs; copied, so a rebuild during
 # the run changes nothing), PERF=1 (profile the dedupfs daemon with perf during the first ingest and the
 # mount read-back, and `dedupfs restore`; the top symbols go to stderr and the record).
+# Floors: the same read of the last generation from the work tree on the bare disk (cold and
+# warm) and through bindfs, if installed: what no read through FUSE can beat here.
 # Needs root (drop_caches), /dev/fuse, restic, borg, rsync and GNU time (apt-get install
-# restic borgbackup rsync time).
+# restic borgbackup rsync time; bindfs for the FUSE floor).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 repo=$(pwd)
@@ -48,7 +50,7 @@ command_line="scripts/bench-peers.sh${*:+ $*}"
 [[ -n ${DATASET_DIRS:-} ]] && command_line="DATASET_DIRS=\"$DATASET_DIRS\" $command_line"
 [[ -n ${PERF:-} ]] && command_line="PERF=$PERF $command_line"
 
-usage() { sed -n '2,42s/^# \{0,1\}//p' "$0"; }
+usage() { sed -n '2,45s/^# \{0,1\}//p' "$0"; }
 
 record=0
 size_mib=2048
@@ -98,8 +100,9 @@ store2="$work/dedupfs-ingest-store" # the `dedupfs ingest` path, a store of its 
 mnt2="$work/dedupfs-ingest-mnt"
 rmnt="$work/restic-mnt"
 bmnt="$work/borg-mnt"
+fmnt="$work/bindfs-mnt"  # the floor of a FUSE read: bindfs over the work tree
 dest="$work/restore"
-mkdir -p "$tree" "$mnt" "$mnt2" "$rmnt" "$bmnt"
+mkdir -p "$tree" "$mnt" "$mnt2" "$rmnt" "$bmnt" "$fmnt"
 
 export RESTIC_REPOSITORY="$work/restic-repo" RESTIC_PASSWORD=bench RESTIC_CACHE_DIR="$work/restic-cache"
 export BORG_REPO="$work/borg-repo" BORG_BASE_DIR="$work/borg-base"
@@ -110,7 +113,7 @@ bg_pids=()
 is_mounted() { grep -q " $1 " /proc/mounts; }
 cleanup() {
     local m p
-    for m in "$mnt" "$mnt2" "$rmnt" "$bmnt"; do
+    for m in "$mnt" "$mnt2" "$rmnt" "$bmnt" "$fmnt"; do
         if is_mounted "$m"; then
             if [[ $m == "$mnt" || $m == "$mnt2" ]]; then "$bin" umount "$m" >/dev/null 2>&1 || true; fi
             is_mounted "$m" && { fusermount3 -u "$m" 2>/dev/null || fusermount3 -u -z "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true; }
@@ -512,6 +515,38 @@ put mount_rss dedupfs "$(hwm_kib "$pid")"; rss_max dedupfs "$(hwm_kib "$pid")"
 umount_dedupfs
 check_bytes "$got" "dedupfs .snapshots view"
 
+# ---- floors: the same read of the same files without a store ----------------------------
+# What no filesystem read through FUSE can beat on this machine: the work tree (the last
+# generation's files as plain files) read with the same command from the disk cold, from
+# the page cache (no filesystem work at all), and through bindfs with its source warm (FUSE
+# round trips alone).
+say "floor: the work tree read from the disk, cold"
+drop_caches
+t0=$(now)
+got=$(read_all "$tree")
+t1=$(now)
+floor_disk_s=$(elapsed "$t0" "$t1")
+check_bytes "$got" "work tree, cold"
+say "floor: the work tree read again, page cache warm"
+t0=$(now)
+got=$(read_all "$tree")
+t1=$(now)
+floor_cache_s=$(elapsed "$t0" "$t1")
+check_bytes "$got" "work tree, warm"
+floor_bindfs_s=-
+if command -v bindfs >/dev/null; then
+    say "floor: the work tree through bindfs, source warm"
+    bindfs "$tree" "$fmnt"
+    t0=$(now)
+    got=$(read_all "$fmnt")
+    t1=$(now)
+    fusermount3 -u "$fmnt"
+    floor_bindfs_s=$(elapsed "$t0" "$t1")
+    check_bytes "$got" "bindfs"
+else
+    say "bindfs is not installed (apt-get install bindfs): no FUSE floor"
+fi
+
 for tool in restic borg dedupfs; do
     put restore_mibs "$tool" "$(rate "$last_bytes" "$(get restore_s "$tool")")"
     put mount_mibs "$tool" "$(rate "$last_bytes" "$(get mount_s "$tool")")"
@@ -565,6 +600,22 @@ table=$(
     row "peak RSS of the daemon over the \`dedupfs ingest\` steps (MiB)" rss_all kib ingest
 )
 
+floor_row() { # label seconds
+    local r
+    r=$(rate "$last_bytes" "$2")
+    echo "| $1 | $2 | $r | $(ratio "$(get mount_mibs dedupfs)" "$r") |"
+}
+best_peer=$(awk -v a="$(get mount_mibs restic)" -v b="$(get mount_mibs borg)" 'BEGIN { print (a + 0 > b + 0 ? a : b) }')
+floors=$(
+    echo "| the same read of $last's files (\`find | xargs cat\`) | wall (s) | MiB/s | dedupfs mount read / this |"
+    echo "|---|---:|---:|---:|"
+    floor_row "dedupfs, the \`.snapshots\` view (above)" "$(get mount_s dedupfs)"
+    floor_row "the work tree on the bare disk, cold" "$floor_disk_s"
+    floor_row "the work tree from the page cache (no filesystem work)" "$floor_cache_s"
+    floor_row "bindfs over the work tree, source in the page cache (FUSE alone)" "$floor_bindfs_s"
+    echo "| 5x the faster peer mount read (issue 5's target) | - | $(awk -v b="$best_peer" 'BEGIN { printf "%.1f", 5 * b }') | $(ratio "$(get mount_mibs dedupfs)" "$(awk -v b="$best_peer" 'BEGIN { print 5 * b }')") |"
+)
+
 machine="$(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo)"
 versions="$(restic version | cut -d' ' -f1-2), $(borg --version), dedupfs $("$bin" --version 2>/dev/null | awk '{ print $2 }')"
 roots_text=$(awk '{ printf "%s%s", (NR > 1 ? ", " : ""), $2 }' "$work/roots")
@@ -583,6 +634,8 @@ EOF
 echo
 echo "$table"
 echo
+echo "$floors"
+echo
 echo "$notes"
 [[ -n $perf_report ]] && echo "$perf_report"
 
@@ -599,6 +652,8 @@ if ((record)); then
         echo "$notes"
         echo
         echo "$table"
+        echo
+        echo "$floors"
         if [[ -n $perf_report ]]; then
             echo
             echo '```'
