@@ -23,6 +23,11 @@
 //! and the directory metadata that waited on them is set.
 //! The renames become durable with the next batch's syncfs, or the last one when the restore
 //! ends; a crash before that leaves temp files, which a rerun replaces.
+//!
+//! Regular files up to [`PARALLEL_MAX`] are written by copier threads while the walk goes on
+//! (decompressing, hashing and writing small files one at a time left a core idle). A batch's
+//! leaves include queued copies; the flush waits for them, leaves out any that failed (a copy
+//! removes its own temp file on failure) and then does not set the batch's directory metadata.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString, OsStr, OsString};
@@ -31,10 +36,13 @@ use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::panic::{self, AssertUnwindSafe};
 use std::path::{Component, Path, PathBuf};
-use std::rc::Rc;
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use thiserror::Error;
 
 /// Bytes asked of the source per read: large enough that a chunked source streams at speed.
@@ -59,6 +67,15 @@ const BATCH_BYTES: u64 = 256 << 20;
 /// Directories one batch holds open for its renames and metadata: with the open ancestors,
 /// well under the usual limit of 1024 descriptors.
 const BATCH_DIRS: usize = if cfg!(test) { 3 } else { 256 };
+/// Regular files up to this size are written by the copier threads, several at once; a bigger
+/// one by the walk itself, so that the progress line moves within it. Small under test, so that
+/// the tests restore files both ways.
+const PARALLEL_MAX: u64 = if cfg!(test) { 4 << 10 } else { 8 << 20 };
+/// Copier threads at most; fewer on a machine with fewer cores.
+const COPIERS_MAX: usize = 4;
+/// Copies queued beyond those the copiers hold: enough to keep them busy while the walk makes a
+/// directory, few enough to bound the descriptors and memory they pin.
+const QUEUE: usize = 64;
 /// `f_type` of a FUSE filesystem in statfs(2) (libc's FUSE_SUPER_MAGIC, whose type varies by
 /// architecture).
 const FUSE_MAGIC: i64 = 0x6573_5546;
@@ -66,7 +83,8 @@ const FUSE_MAGIC: i64 = 0x6573_5546;
 const PROGRESS_EVERY: Duration = Duration::from_millis(200);
 
 /// What a restore reads: a read-only tree addressed by paths relative to its root ("" is the root).
-pub trait Source {
+/// Shared by the copier threads, which read several files at once.
+pub trait Source: Sync {
     /// lstat semantics: a symlink is described, not followed.
     fn stat(&self, rel: &Path) -> io::Result<SourceMeta>;
     /// Names of the entries of a directory (no "." or ".."), any order.
@@ -298,19 +316,6 @@ pub fn restore(
         .map_err(wr(parent))?
         .into();
     let base = Dir::new(base, parent.to_path_buf(), false).map_err(wr(parent))?;
-    let mut r = Restorer {
-        src: source,
-        overwrite: opts.overwrite,
-        base: base.clone(),
-        links: HashMap::new(),
-        stats: RestoreStats::default(),
-        progress,
-        batch: Batch::default(),
-        filesystems: HashMap::new(),
-        by_file: HashSet::new(),
-        buf: Vec::new(),
-    };
-    r.note_filesystem(&base)?;
     let top = Item {
         dpath,
         loc: name.clone().map(PathBuf::from).unwrap_or_default(),
@@ -318,27 +323,191 @@ pub fn restore(
         rel,
         meta,
     };
-    let res = match name {
-        Some(_) => r.entry(&base, &top),
-        None => r
-            .list(&top.rel)
-            .and_then(|names| r.fill_dir(&base, names, &top)),
-    };
-    let res = match res {
-        Ok(()) => r.finish(),
-        Err(e) => {
-            // Keep what is complete, so that a rerun has less to do.
-            if let Err(also) = r.flush() {
-                tracing::warn!("after a failed restore: {also}");
+    std::thread::scope(|scope| {
+        let mut r = Restorer {
+            src: source,
+            overwrite: opts.overwrite,
+            base: base.clone(),
+            links: HashMap::new(),
+            stats: RestoreStats::default(),
+            progress,
+            batch: Batch::default(),
+            filesystems: HashMap::new(),
+            by_file: HashSet::new(),
+            buf: Vec::new(),
+            copiers: Copiers::start(scope, source),
+        };
+        r.note_filesystem(&base)?;
+        let res = match &name {
+            Some(_) => r.entry(&base, &top),
+            None => r
+                .list(&top.rel)
+                .and_then(|names| r.fill_dir(&base, names, &top)),
+        };
+        let res = match res {
+            Ok(()) => r.finish(),
+            Err(e) => {
+                // Keep what is complete, so that a rerun has less to do.
+                if let Err(also) = r.flush() {
+                    tracing::warn!("after a failed restore: {also}");
+                }
+                Err(e)
             }
+        };
+        if let Some(p) = &mut r.progress {
+            p.draw();
+            eprintln!();
+        }
+        // Dropping the restorer closes the queue: the copiers, idle by now, end.
+        res.map(|()| r.stats)
+    })
+}
+
+/// A copy handed to the copier threads: regular file `it`, written whole as `tmp` in `dir`.
+struct Job {
+    id: u64,
+    dir: Arc<Dir>,
+    tmp: OsString,
+    it: Item,
+}
+
+/// How a job ended: the bytes copied, or why not. A panic in a copier is carried to the walk
+/// and resumed there, so it unwinds the restore as it would have without the threads.
+struct Done {
+    id: u64,
+    outcome: std::thread::Result<Result<u64>>,
+}
+
+/// The copier threads and the walk's side of their queues.
+struct Copiers {
+    jobs: SyncSender<Job>,
+    done: Receiver<Done>,
+    next_id: u64,
+    /// Jobs queued or being copied.
+    in_flight: usize,
+    /// Jobs that failed (their temp files removed): their leaves are not renamed into place.
+    failed: HashSet<u64>,
+    /// A failure not yet returned to the walk.
+    unreported: Option<RestoreError>,
+}
+
+impl Copiers {
+    /// Starts the copiers; None (the walk copies every file itself) if no thread starts.
+    fn start<'scope>(
+        scope: &'scope std::thread::Scope<'scope, '_>,
+        src: &'scope dyn Source,
+    ) -> Option<Copiers> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let (jobs, queue) = mpsc::sync_channel::<Job>(QUEUE);
+        let queue = Arc::new(Mutex::new(queue));
+        let (report, done) = mpsc::channel();
+        let mut started = 0;
+        for _ in 0..cores.clamp(1, COPIERS_MAX) {
+            let (queue, report) = (queue.clone(), report.clone());
+            let spawned = std::thread::Builder::new()
+                .name("restore-copy".into())
+                .spawn_scoped(scope, move || copier(src, &queue, &report));
+            match spawned {
+                Ok(_) => started += 1,
+                Err(e) => tracing::warn!("cannot start a restore copier thread: {e}"),
+            }
+        }
+        (started > 0).then_some(Copiers {
+            jobs,
+            done,
+            next_id: 0,
+            in_flight: 0,
+            failed: HashSet::new(),
+            unreported: None,
+        })
+    }
+}
+
+/// A copier thread: takes jobs until the queue closes.
+fn copier(src: &dyn Source, queue: &Mutex<Receiver<Job>>, report: &Sender<Done>) {
+    let mut buf = Vec::new();
+    loop {
+        let job = match queue.lock().recv() {
+            Ok(job) => job,
+            Err(_) => return,
+        };
+        let outcome = panic::catch_unwind(AssertUnwindSafe(|| {
+            write_file(src, &job.dir, &job.tmp, &job.it, &mut buf, &mut |_| {})
+        }));
+        let id = job.id;
+        drop(job); // its directory's descriptor goes before the walk hears
+        if report.send(Done { id, outcome }).is_err() {
+            return;
+        }
+    }
+}
+
+/// Writes regular file `it` as `tmp` in `dir`: its data (all-zero blocks left as holes), then
+/// its metadata. Returns the bytes copied; on failure, the temp file is removed. `copied` hears
+/// of each read's bytes.
+fn write_file(
+    src: &dyn Source,
+    dir: &Dir,
+    tmp: &OsStr,
+    it: &Item,
+    buf: &mut Vec<u8>,
+    copied: &mut dyn FnMut(u64),
+) -> Result<u64> {
+    let (rel, meta) = (&it.rel, &it.meta);
+    let written = (|| {
+        let xattrs = src.xattrs(rel).map_err(rd(rel))?;
+        let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL;
+        let f = File::from(open_at(dir.fd(), tmp, flags, 0o600).map_err(it.wr())?);
+        let end = copy_data(src, &f, it, buf, copied)?;
+        // Before the metadata: truncation clears setuid bits and capabilities.
+        if end != meta.size {
+            f.set_len(meta.size).map_err(it.wr())?; // it ends in a hole
+        }
+        apply_meta(&Target::Fd(f.as_fd()), meta, &xattrs, &it.dpath)
+    })();
+    match written {
+        Ok(()) => Ok(meta.size),
+        Err(e) => {
+            let _ = unlink_at(dir.fd(), tmp, 0);
             Err(e)
         }
-    };
-    if let Some(p) = &mut r.progress {
-        p.draw();
-        eprintln!();
     }
-    res.map(|()| r.stats)
+}
+
+/// Copies the file's data, leaving all-zero blocks as holes; returns where the written data
+/// ends, short of the size when the file ends in a hole.
+fn copy_data(
+    src: &dyn Source,
+    f: &File,
+    it: &Item,
+    buf: &mut Vec<u8>,
+    copied: &mut dyn FnMut(u64),
+) -> Result<u64> {
+    let mut reader = src.open(&it.rel).map_err(rd(&it.rel))?;
+    if buf.is_empty() {
+        *buf = vec![0u8; READ_BUF];
+    }
+    let (mut off, mut end) = (0u64, 0u64);
+    loop {
+        let n = fill(&mut *reader, buf).map_err(rd(&it.rel))?;
+        if let Some(e) = write_sparse(f, &buf[..n], off).map_err(it.wr())? {
+            end = e;
+        }
+        off += n as u64;
+        copied(n as u64);
+        if n < buf.len() {
+            break;
+        }
+    }
+    if off != it.meta.size {
+        let (path, expected) = (src_path(&it.rel), it.meta.size);
+        return Err(RestoreError::SizeMismatch {
+            path,
+            expected,
+            got: off,
+        });
+    }
+    Ok(end)
 }
 
 /// One human line: "restored 1,234 files, 56 dirs, 3 symlinks, 2 hard links: 1.2 GiB in 3.4 s
@@ -530,19 +699,21 @@ struct Restorer<'a> {
     src: &'a dyn Source,
     overwrite: bool,
     /// The directory holding the top entry; `Item::loc` is relative to it.
-    base: Rc<Dir>,
+    base: Arc<Dir>,
     /// Source inode of a multiply-linked entry → where it was first restored.
     links: HashMap<u64, PathBuf>,
     stats: RestoreStats,
     progress: Option<Progress>,
     batch: Batch,
     /// One open directory per filesystem written to (`st_dev` → it), for the final sync.
-    filesystems: HashMap<u64, Rc<Dir>>,
+    filesystems: HashMap<u64, Arc<Dir>>,
     /// Filesystems where syncfs(2) does not make data durable or fails: each file, then
     /// each directory, is synced on its own.
     by_file: HashSet<u64>,
     /// The read buffer, `READ_BUF` bytes once the first file is copied.
     buf: Vec<u8>,
+    /// Threads that copy small files while the walk goes on; None: the walk copies them.
+    copiers: Option<Copiers>,
 }
 
 /// A destination directory, open; batched work in it holds it open until the flush.
@@ -560,9 +731,9 @@ struct Dir {
 }
 
 impl Dir {
-    fn new(fd: OwnedFd, dpath: PathBuf, fresh: bool) -> io::Result<Rc<Dir>> {
+    fn new(fd: OwnedFd, dpath: PathBuf, fresh: bool) -> io::Result<Arc<Dir>> {
         let st = fstat(fd.as_fd())?;
-        Ok(Rc::new(Dir {
+        Ok(Arc::new(Dir {
             fd,
             dev: st.st_dev,
             ino: st.st_ino,
@@ -593,16 +764,18 @@ struct Batch {
 
 /// A leaf complete under its temp name.
 struct Pending {
-    dir: Rc<Dir>,
+    dir: Arc<Dir>,
     tmp: OsString,
     name: OsString,
     /// A regular file, which the per-file fallback syncs.
     file: bool,
     dpath: PathBuf,
+    /// The copier job writing it, if one is.
+    job: Option<u64>,
 }
 
 struct DirMeta {
-    dir: Rc<Dir>,
+    dir: Arc<Dir>,
     meta: SourceMeta,
     xattrs: Vec<(OsString, Vec<u8>)>,
 }
@@ -627,6 +800,7 @@ impl Batch {
 }
 
 /// One source entry and where it goes.
+#[derive(Clone)]
 struct Item {
     /// Path in the snapshot.
     rel: PathBuf,
@@ -657,7 +831,7 @@ impl Item {
 
 impl Restorer<'_> {
     /// Restores `it` into `dir`.
-    fn entry(&mut self, dir: &Rc<Dir>, it: &Item) -> Result<()> {
+    fn entry(&mut self, dir: &Arc<Dir>, it: &Item) -> Result<()> {
         if may_meet_temp(&it.name) {
             self.flush()?;
         }
@@ -709,7 +883,7 @@ impl Restorer<'_> {
     }
 
     /// Restores the contents of directory `it`, open as `dir`, then (in the batch) its metadata.
-    fn fill_dir(&mut self, dir: &Rc<Dir>, names: Vec<OsString>, it: &Item) -> Result<()> {
+    fn fill_dir(&mut self, dir: &Arc<Dir>, names: Vec<OsString>, it: &Item) -> Result<()> {
         for n in names {
             let rel = it.rel.join(&n);
             let meta = self.src.stat(&rel).map_err(rd(&rel))?;
@@ -725,7 +899,7 @@ impl Restorer<'_> {
         self.flush_if_full()
     }
 
-    fn leaf(&mut self, dir: &Rc<Dir>, it: &Item) -> Result<()> {
+    fn leaf(&mut self, dir: &Arc<Dir>, it: &Item) -> Result<()> {
         let (meta, dfd) = (&it.meta, dir.fd());
         let first = if meta.nlink > 1 {
             self.links.get(&meta.ino).cloned()
@@ -784,10 +958,15 @@ impl Restorer<'_> {
             self.stats.hard_links += 1;
             return Ok(());
         }
-        if let Err(e) = self.create(dfd, &tmp, it) {
-            let _ = unlink_at(dfd, &tmp, 0);
-            return Err(e);
-        }
+        let job = if meta.kind == EntryKind::File {
+            self.write_file(dir, &tmp, it)?
+        } else {
+            if let Err(e) = self.create(dfd, &tmp, it) {
+                let _ = unlink_at(dfd, &tmp, 0);
+                return Err(e);
+            }
+            None
+        };
         match meta.kind {
             EntryKind::File => self.stats.files += 1,
             EntryKind::Symlink => self.stats.symlinks += 1,
@@ -804,29 +983,98 @@ impl Restorer<'_> {
             name: it.name.clone(),
             file,
             dpath: it.dpath.clone(),
+            job,
         };
         self.batch
             .add_leaf(pending, if file { meta.size } else { 0 });
         self.flush_if_full()
     }
 
-    /// Builds non-directory `it` as `tmp` in `dir`, metadata included.
+    /// Writes regular file `it` as `tmp` in `dir`, or queues it for a copier (its job's id).
+    /// A failed copy's error comes back from a later call of this or from the flush.
+    fn write_file(&mut self, dir: &Arc<Dir>, tmp: &OsStr, it: &Item) -> Result<Option<u64>> {
+        if let Some(c) = self
+            .copiers
+            .as_mut()
+            .filter(|_| it.meta.size <= PARALLEL_MAX)
+        {
+            let id = c.next_id;
+            c.next_id += 1;
+            let job = Job {
+                id,
+                dir: dir.clone(),
+                tmp: tmp.to_os_string(),
+                it: it.clone(),
+            };
+            // The copiers end only when the queue closes, so the send fails only if every
+            // one of them is gone, which a panic (resumed below) would explain.
+            if c.jobs.send(job).is_ok() {
+                c.in_flight += 1;
+                self.collect_copies(false)?;
+                return Ok(Some(id));
+            }
+            self.collect_copies(true)?;
+            self.copiers = None;
+        }
+        let mut buf = std::mem::take(&mut self.buf);
+        let progress = &mut self.progress;
+        let copied = write_file(self.src, dir, tmp, it, &mut buf, &mut |n| {
+            if let Some(p) = progress {
+                p.add(n, 0);
+            }
+        });
+        self.buf = buf;
+        self.stats.bytes += copied?;
+        self.done(true, 0);
+        Ok(None)
+    }
+
+    /// Takes the reports of finished copies; with `wait`, until none is in flight. Returns a
+    /// failure not returned before (a copy that failed has removed its temp file).
+    fn collect_copies(&mut self, wait: bool) -> Result<()> {
+        let Some(c) = self.copiers.as_mut() else {
+            return Ok(());
+        };
+        while c.in_flight > 0 {
+            let report = if wait {
+                c.done.recv().ok()
+            } else {
+                c.done.try_recv().ok()
+            };
+            let Some(Done { id, outcome }) = report else {
+                break;
+            };
+            c.in_flight -= 1;
+            match outcome {
+                Ok(Ok(bytes)) => {
+                    self.stats.bytes += bytes;
+                    if let Some(p) = &mut self.progress {
+                        p.add(bytes, 1);
+                    }
+                }
+                Ok(Err(e)) => {
+                    c.failed.insert(id);
+                    c.unreported.get_or_insert(e);
+                }
+                Err(panicked) => panic::resume_unwind(panicked),
+            }
+        }
+        match c.unreported.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Builds `it`, neither a regular file nor a directory, as `tmp` in `dir`, metadata
+    /// included.
     fn create(&mut self, dir: BorrowedFd<'_>, tmp: &OsStr, it: &Item) -> Result<()> {
         let (rel, meta) = (&it.rel, &it.meta);
         let xattrs = self.src.xattrs(rel).map_err(rd(rel))?;
         let t = cstring(tmp).map_err(it.wr())?;
         let ifmt = match meta.kind {
-            EntryKind::File => {
-                let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL;
-                let f = File::from(open_at(dir, tmp, flags, 0o600).map_err(it.wr())?);
-                let end = self.copy(&f, it)?;
-                // Before the metadata: truncation clears setuid bits and capabilities.
-                if end != meta.size {
-                    f.set_len(meta.size).map_err(it.wr())?; // it ends in a hole
-                }
-                return apply_meta(&Target::Fd(f.as_fd()), meta, &xattrs, &it.dpath);
+            EntryKind::File | EntryKind::Dir => {
+                unreachable!("regular files are written by write_file(), directories by entry()")
             }
-            EntryKind::Dir => unreachable!("directories are restored by entry()"),
             EntryKind::Symlink => {
                 let target = self.src.read_link(rel).map_err(rd(rel))?;
                 let target = cstring(target.as_os_str()).map_err(it.wr())?;
@@ -848,41 +1096,6 @@ impl Restorer<'_> {
         apply_meta(&Target::At(dir, &t), meta, &xattrs, &it.dpath)
     }
 
-    /// Copies the file's data, leaving all-zero blocks as holes; returns where the written
-    /// data ends, short of the size when the file ends in a hole.
-    fn copy(&mut self, f: &File, it: &Item) -> Result<u64> {
-        let src = self.src;
-        let mut reader = src.open(&it.rel).map_err(rd(&it.rel))?;
-        if self.buf.is_empty() {
-            self.buf = vec![0u8; READ_BUF];
-        }
-        let (mut off, mut end) = (0u64, 0u64);
-        loop {
-            let n = fill(&mut *reader, &mut self.buf).map_err(rd(&it.rel))?;
-            if let Some(e) = write_sparse(f, &self.buf[..n], off).map_err(it.wr())? {
-                end = e;
-            }
-            off += n as u64;
-            self.stats.bytes += n as u64;
-            if let Some(p) = &mut self.progress {
-                p.add(n as u64, 0);
-            }
-            if n < self.buf.len() {
-                break;
-            }
-        }
-        if off != it.meta.size {
-            let (path, expected) = (src_path(&it.rel), it.meta.size);
-            return Err(RestoreError::SizeMismatch {
-                path,
-                expected,
-                got: off,
-            });
-        }
-        self.done(true, 0);
-        Ok(end)
-    }
-
     fn done(&mut self, file: bool, bytes: u64) {
         if let Some(p) = &mut self.progress {
             p.add(bytes, u64::from(file));
@@ -899,8 +1112,18 @@ impl Restorer<'_> {
 
     /// Makes the batch's leaves durable, renames them into place, then sets the directory
     /// metadata that waited on them. On failure, the leaves not yet in place are removed.
+    /// A copy that failed leaves its directories' metadata unset (a directory this restore
+    /// made stays 0700, so a rerun can fill it) and is reported once the rest is in place.
     fn flush(&mut self) -> Result<()> {
-        let batch = std::mem::take(&mut self.batch);
+        let copies = self.collect_copies(true);
+        let mut batch = std::mem::take(&mut self.batch);
+        let failed = self.copiers.as_mut().map(|c| std::mem::take(&mut c.failed));
+        if let Some(failed) = failed.filter(|f| !f.is_empty()) {
+            batch
+                .leaves
+                .retain(|p| p.job.is_none_or(|id| !failed.contains(&id)));
+            batch.dir_metas.clear();
+        }
         if let Err(e) = self.sync(&batch.leaves) {
             discard(&batch.leaves);
             return Err(e);
@@ -922,7 +1145,7 @@ impl Restorer<'_> {
                 fsync(d.fd()).map_err(wr(&d.dpath))?;
             }
         }
-        Ok(())
+        copies
     }
 
     /// Makes `leaves` durable, data and metadata: one syncfs per filesystem they are on, or an
@@ -955,7 +1178,7 @@ impl Restorer<'_> {
     }
 
     /// Notes the filesystem `d` is on, the first time one of its directories is opened.
-    fn note_filesystem(&mut self, d: &Rc<Dir>) -> Result<()> {
+    fn note_filesystem(&mut self, d: &Arc<Dir>) -> Result<()> {
         if self.filesystems.contains_key(&d.dev) {
             return Ok(());
         }
@@ -1790,6 +2013,53 @@ mod tests {
             (again.files, again.symlinks, again.bytes, again.skipped),
             (0, 0, 0, 5)
         );
+    }
+
+    /// A copier's failure among many small files, queued and in flight: the restore reports
+    /// it, leaves no temp file and none of the failed file, keeps the files that completed,
+    /// and a rerun finishes the tree.
+    #[test]
+    fn a_failed_copy_among_parallel_copies_is_reported_and_the_rest_kept() {
+        let t = tempfile::tempdir().unwrap();
+        let (s, dest) = (t.path().join("src"), t.path().join("out"));
+        for d in 0..6 {
+            fs::create_dir_all(s.join(format!("d{d}"))).unwrap();
+            for f in 0..12 {
+                let body = format!("{d}/{f}").repeat(200 + 10 * f);
+                fs::write(s.join(format!("d{d}/f{f:02}")), body).unwrap();
+            }
+        }
+        freeze(&s);
+        assert!(fs::metadata(s.join("d3/f05")).unwrap().len() <= PARALLEL_MAX);
+        let err = run(
+            &Rigged {
+                src: DirSource::new(s.clone()),
+                extra: None,
+                fail: Some(("d3/f05", 100, dest.join("d3/f05"))),
+                kill: false,
+            },
+            "",
+            &dest,
+            false,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&err, RestoreError::Read { path, source } if path == Path::new("/d3/f05") && source.raw_os_error() == Some(libc::EIO)),
+            "{err}"
+        );
+        assert!(!dest.join("d3/f05").exists() && tmp_files(&dest).is_empty());
+        for f in 0..12 {
+            let (got, want) = (
+                dest.join(format!("d0/f{f:02}")),
+                s.join(format!("d0/f{f:02}")),
+            );
+            assert_eq!(fs::read(got).unwrap(), fs::read(want).unwrap());
+        }
+        let stats = run(&DirSource::new(s.clone()), "", &dest, false).unwrap();
+        assert!(stats.files >= 1 && stats.skipped >= 36, "{stats:?}");
+        assert_eq!(stats.files + stats.skipped, 72, "{stats:?}");
+        assert_eq!(describe(&dest), describe(&s));
+        assert!(tmp_files(&dest).is_empty());
     }
 
     /// A tree of many batches (7 leaves or 3 directories each under test): hard links within
