@@ -389,6 +389,8 @@ struct Copiers {
     failed: HashSet<u64>,
     /// A failure not yet returned to the walk.
     unreported: Option<RestoreError>,
+    /// Copies were lost unreported: no leaf a copier wrote in this batch is kept.
+    lost: bool,
 }
 
 impl Copiers {
@@ -419,6 +421,7 @@ impl Copiers {
             in_flight: 0,
             failed: HashSet::new(),
             unreported: None,
+            lost: false,
         })
     }
 }
@@ -993,6 +996,9 @@ impl Restorer<'_> {
     /// Writes regular file `it` as `tmp` in `dir`, or queues it for a copier (its job's id).
     /// A failed copy's error comes back from a later call of this or from the flush.
     fn write_file(&mut self, dir: &Arc<Dir>, tmp: &OsStr, it: &Item) -> Result<Option<u64>> {
+        // Before the job is queued: once it is, its leaf must join the batch, or nothing
+        // would rename or remove the temp file it makes.
+        self.collect_copies(false)?;
         if let Some(c) = self
             .copiers
             .as_mut()
@@ -1010,7 +1016,6 @@ impl Restorer<'_> {
             // one of them is gone, which a panic (resumed below) would explain.
             if c.jobs.send(job).is_ok() {
                 c.in_flight += 1;
-                self.collect_copies(false)?;
                 return Ok(Some(id));
             }
             self.collect_copies(true)?;
@@ -1042,6 +1047,14 @@ impl Restorer<'_> {
                 c.done.try_recv().ok()
             };
             let Some(Done { id, outcome }) = report else {
+                if wait {
+                    // Every copier is gone with copies unreported, which a panic resumed
+                    // here would have explained: none of those copies can be trusted.
+                    c.in_flight = 0;
+                    c.lost = true;
+                    let why = io::Error::other("the restore's copier threads ended early");
+                    c.unreported.get_or_insert(wr(&self.base.dpath)(why));
+                }
                 break;
             };
             c.in_flight -= 1;
@@ -1117,20 +1130,35 @@ impl Restorer<'_> {
     fn flush(&mut self) -> Result<()> {
         let copies = self.collect_copies(true);
         let mut batch = std::mem::take(&mut self.batch);
-        let failed = self.copiers.as_mut().map(|c| std::mem::take(&mut c.failed));
-        if let Some(failed) = failed.filter(|f| !f.is_empty()) {
-            batch
-                .leaves
-                .retain(|p| p.job.is_none_or(|id| !failed.contains(&id)));
+        let failed = self.copiers.as_mut().map(|c| {
+            let lost = std::mem::take(&mut c.lost);
+            (std::mem::take(&mut c.failed), lost)
+        });
+        if let Some((failed, lost)) = failed.filter(|(f, lost)| !f.is_empty() || *lost) {
+            let (copied, rest): (Vec<Pending>, Vec<Pending>) =
+                batch.leaves.into_iter().partition(|p| p.job.is_some());
+            let (kept, dropped): (Vec<Pending>, Vec<Pending>) = copied
+                .into_iter()
+                .partition(|p| !lost && p.job.is_some_and(|id| !failed.contains(&id)));
+            discard(&dropped); // a failed copy removed its own; a lost one may not have
+            batch.leaves = rest.into_iter().chain(kept).collect();
             batch.dir_metas.clear();
         }
+        // A copy's failure returned after these would go unsaid.
+        let unsaid = |copies: &Result<()>| {
+            if let Err(e) = copies {
+                tracing::warn!("restoring: {e}");
+            }
+        };
         if let Err(e) = self.sync(&batch.leaves) {
             discard(&batch.leaves);
+            unsaid(&copies);
             return Err(e);
         }
         for (i, p) in batch.leaves.iter().enumerate() {
             if let Err(e) = rename_at(p.dir.fd(), &p.tmp, &p.name) {
                 discard(&batch.leaves[i..]);
+                unsaid(&copies);
                 return Err(wr(&p.dpath)(e));
             }
         }
@@ -1830,7 +1858,12 @@ mod tests {
         fail: Option<(&'static str, usize, PathBuf)>,
         /// The failure is a panic, which unwinds past every cleanup, as a kill would.
         kill: bool,
+        /// A path whose stat waits until the failing read has failed and its copy is over
+        /// (its temp file gone), so that the walk meets the failure while it queues more.
+        hold: Option<&'static str>,
     }
+    /// Destination paths of the reads `FailAfter` failed, in every test of this process.
+    static FAILED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
     struct FailAfter(File, usize, PathBuf, bool);
     impl Read for FailAfter {
         fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
@@ -1841,6 +1874,7 @@ mod tests {
                     "written under a temp name"
                 );
                 assert!(!self.3, "killed");
+                FAILED.lock().unwrap().push(self.2.clone());
                 return Err(io::Error::from_raw_os_error(libc::EIO));
             }
             let k = buf.len().min(self.1);
@@ -1851,6 +1885,17 @@ mod tests {
     }
     impl Source for Rigged {
         fn stat(&self, rel: &Path) -> io::Result<SourceMeta> {
+            if let (Some(h), Some((_, _, watch))) = (self.hold, &self.fail) {
+                if rel == Path::new(h) {
+                    let tmp = watch.with_file_name(tmp_name(watch.file_name().unwrap()));
+                    let deadline = Instant::now() + Duration::from_secs(10);
+                    let over = || FAILED.lock().unwrap().contains(watch) && !tmp.exists();
+                    while !over() && Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    std::thread::sleep(Duration::from_millis(50)); // the report's send
+                }
+            }
             self.src.stat(rel)
         }
         fn read_dir(&self, rel: &Path) -> io::Result<Vec<OsString>> {
@@ -1900,6 +1945,7 @@ mod tests {
                     extra: Some(name),
                     fail: None,
                     kill: false,
+                    hold: None,
                 },
                 "",
                 &dest,
@@ -1982,6 +2028,7 @@ mod tests {
                 extra: None,
                 fail,
                 kill: false,
+                hold: None,
             },
             "",
             &dest,
@@ -2015,51 +2062,74 @@ mod tests {
         );
     }
 
-    /// A copier's failure among many small files, queued and in flight: the restore reports
-    /// it, leaves no temp file and none of the failed file, keeps the files that completed,
-    /// and a rerun finishes the tree.
+    /// A copier's failure among many small files: met by the flush that ends its batch
+    /// (f05 is a batch's 7th leaf, after d2's metadata), or while the walk queues more (f01,
+    /// the walk held at f04 until the copy is over). The restore reports it, leaves no temp
+    /// file and none of the failed file, keeps the files that completed, leaves the batch's
+    /// directories 0700, and a rerun finishes the tree.
     #[test]
     fn a_failed_copy_among_parallel_copies_is_reported_and_the_rest_kept() {
         let t = tempfile::tempdir().unwrap();
-        let (s, dest) = (t.path().join("src"), t.path().join("out"));
+        let s = t.path().join("src");
         for d in 0..6 {
             fs::create_dir_all(s.join(format!("d{d}"))).unwrap();
+            fs::set_permissions(s.join(format!("d{d}")), fs::Permissions::from_mode(0o755))
+                .unwrap();
             for f in 0..12 {
                 let body = format!("{d}/{f}").repeat(200 + 10 * f);
                 fs::write(s.join(format!("d{d}/f{f:02}")), body).unwrap();
             }
         }
         freeze(&s);
-        assert!(fs::metadata(s.join("d3/f05")).unwrap().len() <= PARALLEL_MAX);
-        let err = run(
-            &Rigged {
-                src: DirSource::new(s.clone()),
-                extra: None,
-                fail: Some(("d3/f05", 100, dest.join("d3/f05"))),
-                kill: false,
-            },
-            "",
-            &dest,
-            false,
-        )
-        .unwrap_err();
-        assert!(
-            matches!(&err, RestoreError::Read { path, source } if path == Path::new("/d3/f05") && source.raw_os_error() == Some(libc::EIO)),
-            "{err}"
-        );
-        assert!(!dest.join("d3/f05").exists() && tmp_files(&dest).is_empty());
-        for f in 0..12 {
-            let (got, want) = (
-                dest.join(format!("d0/f{f:02}")),
-                s.join(format!("d0/f{f:02}")),
+        let mode = |p: PathBuf| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        for (case, (failing, hold)) in [("d3/f05", None), ("d3/f01", Some("d3/f04"))]
+            .into_iter()
+            .enumerate()
+        {
+            assert!(fs::metadata(s.join(failing)).unwrap().len() <= PARALLEL_MAX);
+            let dest = t.path().join(format!("out{case}"));
+            let err = run(
+                &Rigged {
+                    src: DirSource::new(s.clone()),
+                    extra: None,
+                    fail: Some((failing, 100, dest.join(failing))),
+                    kill: false,
+                    hold,
+                },
+                "",
+                &dest,
+                false,
+            )
+            .unwrap_err();
+            let want = Path::new("/").join(failing);
+            assert!(
+                matches!(&err, RestoreError::Read { path, source } if *path == want && source.raw_os_error() == Some(libc::EIO)),
+                "{err}"
             );
-            assert_eq!(fs::read(got).unwrap(), fs::read(want).unwrap());
+            assert!(!dest.join(failing).exists(), "{failing}");
+            assert_eq!(tmp_files(&dest), Vec::<PathBuf>::new(), "{failing}");
+            for f in 0..12 {
+                let (got, want) = (
+                    dest.join(format!("d0/f{f:02}")),
+                    s.join(format!("d0/f{f:02}")),
+                );
+                assert_eq!(fs::read(got).unwrap(), fs::read(want).unwrap());
+            }
+            assert_eq!(mode(dest.join("d0")), 0o755);
+            assert_eq!(mode(dest.join("d3")), 0o700);
+            if case == 0 {
+                assert_eq!(
+                    mode(dest.join("d2")),
+                    0o700,
+                    "d2's metadata was in the batch"
+                );
+            }
+            let stats = run(&DirSource::new(s.clone()), "", &dest, false).unwrap();
+            assert!(stats.files >= 1 && stats.skipped >= 36, "{stats:?}");
+            assert_eq!(stats.files + stats.skipped, 72, "{stats:?}");
+            assert_eq!(describe(&dest), describe(&s));
+            assert!(tmp_files(&dest).is_empty());
         }
-        let stats = run(&DirSource::new(s.clone()), "", &dest, false).unwrap();
-        assert!(stats.files >= 1 && stats.skipped >= 36, "{stats:?}");
-        assert_eq!(stats.files + stats.skipped, 72, "{stats:?}");
-        assert_eq!(describe(&dest), describe(&s));
-        assert!(tmp_files(&dest).is_empty());
     }
 
     /// A tree of many batches (7 leaves or 3 directories each under test): hard links within
@@ -2130,6 +2200,7 @@ mod tests {
             extra: None,
             fail: Some(("d2/f8", 10, dest.join("d2/f8"))),
             kill: true,
+            hold: None,
         };
         let killed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             run(&kill, "", &dest, false)
