@@ -207,6 +207,8 @@ pub struct DedupFs {
     /// The namespace inode the kernel sees as the mount's root (node 1): the mount root,
     /// or a snapshot's root for a restore mount.
     root: InodeNo,
+    /// A restore mount: nothing in it changes, so files need no open state (see `open`).
+    restore_mount: bool,
 }
 
 impl DedupFs {
@@ -214,6 +216,7 @@ impl DedupFs {
         DedupFs {
             ns,
             root,
+            restore_mount: root != InodeNo::ROOT,
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             stale_attrs: Arc::new(std::sync::OnceLock::new()),
@@ -612,6 +615,16 @@ impl Filesystem for DedupFs {
     }
 
     fn open(&self, _req: &Request, i: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if self.restore_mount {
+            // A restore mount is read-only and its files never change: reads need no open
+            // state (see `Namespace::snap_file`). ENOSYS tells the kernel to take this and
+            // every later open as done, with the page cache kept (FOPEN_KEEP_CACHE), and to
+            // send no RELEASE: of the three round trips a reader pays per small file (open,
+            // read, release), only the read is left. The kernel refuses writes on the
+            // read-only mount itself.
+            reply.error(Errno::ENOSYS);
+            return;
+        }
         let writing = flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
         if writing && crate::namespace::is_snapshot_ino(self.ino(i)) {
             reply.error(errno(FsError::ReadOnly));
@@ -671,6 +684,11 @@ impl Filesystem for DedupFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        if self.restore_mount {
+            // Nothing to report on a read-only mount; ENOSYS: the kernel sends no more.
+            reply.error(Errno::ENOSYS);
+            return;
+        }
         Self::reply_empty(self.ns.flush_on_close(self.ino(i)), reply);
     }
 

@@ -89,6 +89,71 @@ fn snapshot_mounts_beside_the_main_mount_and_alone() {
     m.finish();
 }
 
+/// A restore mount serves reads with no open state (its kernel sends no OPEN or RELEASE, see
+/// fuse.rs): many small files, a file of many chunks read whole and by two threads at
+/// scattered offsets at once, and a sparse file all read back as written, twice.
+#[test]
+fn restore_mount_reads_files_without_open_state() {
+    use std::os::unix::fs::FileExt;
+    let m = Mounted::new();
+    let c = m.c();
+    std::fs::create_dir(c.join("many")).unwrap();
+    let small: Vec<Vec<u8>> = (0..300).map(|i| random(100 + i * 37, i as u64)).collect();
+    for (i, data) in small.iter().enumerate() {
+        std::fs::write(c.join(format!("many/{i}")), data).unwrap();
+    }
+    let big = random(6 << 20, 7);
+    std::fs::write(c.join("big"), &big).unwrap();
+    let sparse = std::fs::File::create(c.join("sparse")).unwrap();
+    sparse.write_all_at(b"middle", 5 << 20).unwrap();
+    sparse.set_len(9 << 20).unwrap();
+    drop(sparse);
+    ok(run(&m.store, &["snapshot", "create", "c", "s1"]));
+    std::fs::write(c.join("big"), b"changed").unwrap();
+
+    let snap = m.dir.path().join("snap");
+    std::fs::create_dir(&snap).unwrap();
+    ok(dedupfs([
+        "mount".as_ref(),
+        m.store.as_os_str(),
+        snap.as_os_str(),
+        "--snapshot".as_ref(),
+        "c@s1".as_ref(),
+    ]));
+    for round in 0..2 {
+        for (i, data) in small.iter().enumerate() {
+            let got = std::fs::read(snap.join(format!("many/{i}"))).unwrap();
+            assert!(got == *data, "round {round}: many/{i}");
+        }
+        assert!(
+            std::fs::read(snap.join("big")).unwrap() == big,
+            "round {round}: big"
+        );
+        let sparse = std::fs::read(snap.join("sparse")).unwrap();
+        assert_eq!(sparse.len(), 9 << 20);
+        assert_eq!(&sparse[5 << 20..(5 << 20) + 6], b"middle");
+        assert!(sparse[..5 << 20].iter().all(|b| *b == 0));
+    }
+    std::thread::scope(|scope| {
+        for t in 0..2u64 {
+            let (path, big) = (snap.join("big"), &big);
+            scope.spawn(move || {
+                let f = std::fs::File::open(path).unwrap();
+                for k in 0..200u64 {
+                    let at = (k * 7919 + t * 104_729) * 131 % (big.len() as u64 - 70_000);
+                    let mut buf = vec![0u8; 70_000];
+                    f.read_exact_at(&mut buf, at).unwrap();
+                    assert!(buf[..] == big[at as usize..at as usize + 70_000], "at {at}");
+                }
+            });
+        }
+    });
+    refused(run(&m.store, &["snapshot", "delete", "c", "s1"]), "in use");
+    ok(dedupfs(["umount".as_ref(), snap.as_os_str()]));
+    ok(run(&m.store, &["snapshot", "delete", "c", "s1"]));
+    m.finish();
+}
+
 /// Metadata a restore must bring back, as lstat sees it.
 fn meta(p: &Path) -> (u32, u32, u32, u64, i64, i64) {
     let md = std::fs::symlink_metadata(p).unwrap();

@@ -2953,6 +2953,71 @@ fn deleted_file_lives_on_in_a_snapshot_until_it_is_deleted() {
     check_no_snapshot_leftovers(ns, "after delete");
 }
 
+/// Snapshot files read without an open, as a restore mount's kernel reads them: pieces of
+/// many files interleaved (more files than the namespace keeps extent maps of) read back
+/// exactly, and once the snapshot is deleted none of them is served from a kept map.
+#[test]
+fn snapshot_files_read_without_an_open() {
+    let fx = Fixture::new();
+    let ns = fx.ns();
+    let c = ns.create_container("c", ROOT, 0o755).expect("container");
+    let files: Vec<(String, Vec<u8>)> = (0..12)
+        .map(|i| {
+            (
+                format!("f{i}"),
+                random(300_000 + 70_000 * i, 500 + i as u64),
+            )
+        })
+        .collect();
+    for (name, data) in &files {
+        file_with(ns, c.root, name, data);
+    }
+    ns.create_snapshot("c", Some("s")).expect("snapshot");
+    for (name, _) in &files {
+        ns.unlink(c.root, name.as_bytes(), ROOT).expect("unlink");
+    }
+    let root = snapshot_root(ns, c.root, "s");
+    let views: Vec<InodeNo> = files
+        .iter()
+        .map(|(name, _)| {
+            ns.lookup(root, name.as_bytes())
+                .expect("in the snapshot")
+                .ino
+        })
+        .collect();
+    let mut got: Vec<Vec<u8>> = vec![Vec::new(); files.len()];
+    let piece = 48_000u32;
+    loop {
+        let mut more = false;
+        for (i, view) in views.iter().enumerate() {
+            let at = got[i].len() as u64;
+            let data = ns.read(*view, at, piece).expect("read");
+            more |= !data.is_empty();
+            got[i].extend_from_slice(&data);
+        }
+        if !more {
+            break;
+        }
+    }
+    for ((name, data), got) in files.iter().zip(&got) {
+        assert!(got == data, "{name} reads back");
+    }
+    let (name, data) = &files[5];
+    let back = ns
+        .read(views[5], 123_457, 200_000)
+        .expect("read in the middle");
+    assert!(back[..] == data[123_457..323_457], "{name} from the middle");
+    fx.fsck_clean();
+    ns.delete_snapshot("c", "s").expect("delete");
+    for view in &views {
+        assert_eq!(
+            ns.read(*view, 0, piece).map(|d| d.len()),
+            Err(FsError::NotFound)
+        );
+    }
+    fx.fsck_clean();
+}
+
 /// Overwriting a large file after a snapshot keeps the old chunks for the snapshot only:
 /// the snapshot reads the old bytes, live the new, and deleting the snapshot gives back
 /// exactly the chunks only the old version used.

@@ -228,6 +228,9 @@ pub struct Namespace {
     pub(crate) mounted_snapshots: Mutex<HashMap<crate::ids::SnapshotId, u32>>,
     /// Snapshot files open for reading, by view inode, with their handle counts.
     pub(crate) snap_files: Mutex<HashMap<InodeNo, (Arc<snapshot::SnapFile>, u32)>>,
+    /// Snapshot files last read without an open (a restore mount's kernel sends none), by view
+    /// inode, newest first; see [`Namespace::snap_file`].
+    pub(crate) snap_recent: Mutex<std::collections::VecDeque<(InodeNo, Arc<snapshot::SnapFile>)>>,
     /// Open files, by inode.
     pub(crate) open_files: Mutex<HashMap<InodeNo, OpenEntry>>,
     pub io: IoCounters,
@@ -495,6 +498,7 @@ impl Namespace {
             containers: RwLock::new(HashMap::new()),
             snapshots: RwLock::new(std::collections::BTreeMap::new()),
             snap_files: Mutex::new(HashMap::new()),
+            snap_recent: Mutex::new(std::collections::VecDeque::new()),
             mounted_snapshots: Mutex::new(HashMap::new()),
             invalidator: std::sync::OnceLock::new(),
             open_files: Mutex::new(HashMap::new()),

@@ -128,6 +128,12 @@ pub fn is_snapshot_ino(ino: InodeNo) -> bool {
 }
 
 /// A snapshot file opened for reading: its extents at the snapshot's epoch.
+/// Snapshot files read without an open whose extent maps stay in memory, at most.
+const RECENT_SNAP_FILES: usize = 8;
+/// Extents those maps hold together, at most (~50 MiB; 64 GiB of file data at 64 KiB chunks),
+/// unless the newest alone holds more.
+const RECENT_SNAP_EXTENTS: usize = 1 << 20;
+
 pub(crate) struct SnapFile {
     pub size: u64,
     pub extents: BTreeMap<u64, ExtentRecord>,
@@ -503,6 +509,13 @@ impl Namespace {
         {
             return Err(FsError::Busy);
         }
+        // Snapshot ids are never reused: this only frees memory.
+        self.snap_recent
+            .lock()
+            .retain(|(ino, _)| match View::of(*ino) {
+                View::Snapshot(id, _) => id != s.id,
+                _ => true,
+            });
         let (prev, next) = self.neighbours(c.id, s.epoch);
         let prev = prev.unwrap_or(Epoch(0));
         let mut txn = Txn::new(Sync::Disk);
@@ -882,6 +895,48 @@ impl Namespace {
         })
     }
 
+    /// The extent map of a snapshot file being read: its open state, or one of the last few
+    /// loaded for reads without an open, so that the reads of one file load it once. Those
+    /// are kept while they hold at most `RECENT_SNAP_EXTENTS` extents together; the newest
+    /// is kept whatever its size, as an open file's map would be.
+    fn snap_file(
+        &self,
+        view_ino: InodeNo,
+        id: SnapshotId,
+        ino: InodeNo,
+    ) -> FsResult<Arc<SnapFile>> {
+        if let Some(f) = self.snap_files.lock().get(&view_ino).map(|e| e.0.clone()) {
+            return Ok(f);
+        }
+        {
+            let mut recent = self.snap_recent.lock();
+            if let Some(i) = recent.iter().position(|(v, _)| *v == view_ino) {
+                if let Some(entry) = recent.remove(i) {
+                    let file = entry.1.clone();
+                    recent.push_front(entry);
+                    return Ok(file);
+                }
+            }
+        }
+        // Loaded without the lock: another thread's read of the same file may load it too.
+        let file = Arc::new(self.load_snap_file(id, ino)?);
+        let mut recent = self.snap_recent.lock();
+        if !recent.iter().any(|(v, _)| *v == view_ino) {
+            recent.push_front((view_ino, file.clone()));
+            let mut extents = 0;
+            let keep = recent
+                .iter()
+                .position(|(_, f)| {
+                    extents += f.extents.len().max(1);
+                    extents > RECENT_SNAP_EXTENTS
+                })
+                .map_or(recent.len(), |i| i.max(1))
+                .min(RECENT_SNAP_FILES);
+            recent.truncate(keep);
+        }
+        Ok(file)
+    }
+
     /// Reads a snapshot file; every chunk is verified.
     pub(crate) fn view_read(
         &self,
@@ -891,11 +946,7 @@ impl Namespace {
         offset: u64,
         size: u32,
     ) -> FsResult<Vec<u8>> {
-        let open = self.snap_files.lock().get(&view_ino).map(|e| e.0.clone());
-        let file = match open {
-            Some(f) => f,
-            None => Arc::new(self.load_snap_file(id, ino)?),
-        };
+        let file = self.snap_file(view_ino, id, ino)?;
         let end = (offset.saturating_add(size as u64)).min(file.size);
         if offset >= end {
             return Ok(Vec::new());
