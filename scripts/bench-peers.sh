@@ -26,7 +26,8 @@
 #   - restore of the last generation into a directory: restic restore / borg extract /
 #     dedupfs restore (store not mounted)
 #   - read-back of the last generation through a mount: restic mount / borg mount / the
-#     .snapshots view of a fresh dedupfs mount; every file read with cat
+#     .snapshots view of a fresh dedupfs mount, and a restore mount of the snapshot alone
+#     (`dedupfs mount --snapshot`, as borg mounts one archive); every file read with cat
 #   - peak RSS: /usr/bin/time -f %M of restic and borg, VmHWM of the dedupfs daemon (and of
 #     the `dedupfs restore` process)
 # Every timed step starts with dropped page caches and ends with `sync -f` of the disk.
@@ -50,7 +51,7 @@ command_line="scripts/bench-peers.sh${*:+ $*}"
 [[ -n ${DATASET_DIRS:-} ]] && command_line="DATASET_DIRS=\"$DATASET_DIRS\" $command_line"
 [[ -n ${PERF:-} ]] && command_line="PERF=$PERF $command_line"
 
-usage() { sed -n '2,45s/^# \{0,1\}//p' "$0"; }
+usage() { sed -n '2,46s/^# \{0,1\}//p' "$0"; }
 
 record=0
 size_mib=2048
@@ -515,6 +516,21 @@ put mount_rss dedupfs "$(hwm_kib "$pid")"; rss_max dedupfs "$(hwm_kib "$pid")"
 umount_dedupfs
 check_bytes "$got" "dedupfs .snapshots view"
 
+# The same snapshot as its own read-only mount, as `borg mount ::ARCHIVE` mounts one
+# archive (the store not mounted otherwise: the restore mount's daemon holds it).
+say "mount read: dedupfs mount --snapshot"
+"$bin" mount "$store" "$mnt" --snapshot "c@$last" >/dev/null
+pid=$(daemon_pid)
+drop_caches
+reset_hwm "$pid"
+t0=$(now)
+got=$(read_all "$mnt")
+t1=$(now)
+put mount_s rmount "$(elapsed "$t0" "$t1")"
+put mount_rss rmount "$(hwm_kib "$pid")"; rss_max dedupfs "$(hwm_kib "$pid")"
+umount_dedupfs
+check_bytes "$got" "dedupfs mount --snapshot"
+
 # ---- floors: the same read of the same files without a store ----------------------------
 # What no filesystem read through FUSE can beat on this machine: the work tree (the last
 # generation's files as plain files) read with the same command from the disk cold, from
@@ -551,6 +567,7 @@ for tool in restic borg dedupfs; do
     put restore_mibs "$tool" "$(rate "$last_bytes" "$(get restore_s "$tool")")"
     put mount_mibs "$tool" "$(rate "$last_bytes" "$(get mount_s "$tool")")"
 done
+put mount_mibs rmount "$(rate "$last_bytes" "$(get mount_s rmount)")"
 total_s=$(elapsed "$started" "$(now)")
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 
@@ -584,6 +601,8 @@ table=$(
     row "restore of $last into a directory (MiB/s)" restore_mibs raw
     row "read of $last through a mount, cold, wall (s)" mount_s raw
     row "read of $last through a mount, cold (MiB/s)" mount_mibs raw
+    row "read of $last through a mount, cold, wall (s); dedupfs: a restore mount (\`mount --snapshot\`)" mount_s raw rmount
+    row "read of $last through a mount, cold (MiB/s); dedupfs: a restore mount" mount_mibs raw rmount
     row "peak RSS, first ingest (MiB)" ingest_rss kib
     row "peak RSS, generations (MiB)" gen_rss kib
     row "peak RSS, restore into a directory (MiB)" restore_rss kib
@@ -607,9 +626,10 @@ floor_row() { # label seconds
 }
 best_peer=$(awk -v a="$(get mount_mibs restic)" -v b="$(get mount_mibs borg)" 'BEGIN { print (a + 0 > b + 0 ? a : b) }')
 floors=$(
-    echo "| the same read of $last's files (\`find | xargs cat\`) | wall (s) | MiB/s | dedupfs mount read / this |"
+    echo "| the same read of $last's files (\`find | xargs cat\`) | wall (s) | MiB/s | dedupfs `.snapshots` read, MiB/s ÷ this |"
     echo "|---|---:|---:|---:|"
     floor_row "dedupfs, the \`.snapshots\` view (above)" "$(get mount_s dedupfs)"
+    floor_row "dedupfs, a restore mount (\`dedupfs mount --snapshot\`, above)" "$(get mount_s rmount)"
     floor_row "the work tree on the bare disk, cold" "$floor_disk_s"
     floor_row "the work tree from the page cache (no filesystem work)" "$floor_cache_s"
     floor_row "bindfs over the work tree, source in the page cache (FUSE alone)" "$floor_bindfs_s"
@@ -624,7 +644,7 @@ notes=$(
 - data set: $data_mib MiB in $data_files files, a sample (seed $seed) of $roots_text; after $generations generations $(mib "$last_bytes") MiB in $last_files files.
 - generations: $changes
 - tools: $versions. Defaults of each: restic repository v2 with zstd (auto), borg lz4 with 2 MiB average chunks, dedupfs zstd:1 with 64 KiB average chunks.
-- how: restic \`backup\` and borg \`create\` of the tree; dedupfs \`cp -a\` (first) or \`rsync -a --delete\` (later) into a container, then \`dedupfs snapshot create\`; the \`dedupfs ingest\` rows: \`dedupfs ingest TREE c --snapshot gN\` into a second store, mounted (its daemon does the work). Restore: \`restic restore\`, \`borg extract\`, \`dedupfs restore\` (store not mounted). Mount read: \`restic mount\`, \`borg mount\`, the \`.snapshots\` view of a fresh dedupfs mount, every file read with \`cat\`. Page caches dropped before each step; each write step ends with \`sync -f\`.
+- how: restic \`backup\` and borg \`create\` of the tree; dedupfs \`cp -a\` (first) or \`rsync -a --delete\` (later) into a container, then \`dedupfs snapshot create\`; the \`dedupfs ingest\` rows: \`dedupfs ingest TREE c --snapshot gN\` into a second store, mounted (its daemon does the work). Restore: \`restic restore\`, \`borg extract\`, \`dedupfs restore\` (store not mounted). Mount read: \`restic mount\`, \`borg mount\`, the \`.snapshots\` view of a fresh dedupfs mount and a restore mount of the snapshot alone (\`dedupfs mount --snapshot\`), every file read with \`cat\`. Page caches dropped before each step; each write step ends with \`sync -f\`.
 - stored: restic and borg, \`du -sb\` of the repository; dedupfs, \`stored_bytes\` of \`dedupfs stats --json\` (the store directory, RocksDB included, is in the du row, measured after unmount). Peak RSS: GNU time's %M for restic, borg and \`dedupfs restore\`; VmHWM of the dedupfs daemon (reset before each step).
 - ratios are dedupfs ÷ peer: above 1 is better for MiB/s, below 1 is better for seconds, MiB stored and RSS.
 - whole run: ${total_s} s; load average before: $load_before, after: $load_after.
