@@ -626,7 +626,7 @@ floor_row() { # label seconds
 }
 best_peer=$(awk -v a="$(get mount_mibs restic)" -v b="$(get mount_mibs borg)" 'BEGIN { print (a + 0 > b + 0 ? a : b) }')
 floors=$(
-    echo "| the same read of $last's files (\`find | xargs cat\`) | wall (s) | MiB/s | dedupfs `.snapshots` read, MiB/s ÷ this |"
+    echo "| the same read of $last's files (\`find | xargs cat\`) | wall (s) | MiB/s | dedupfs \`.snapshots\` read, MiB/s ÷ this |"
     echo "|---|---:|---:|---:|"
     floor_row "dedupfs, the \`.snapshots\` view (above)" "$(get mount_s dedupfs)"
     floor_row "dedupfs, a restore mount (\`dedupfs mount --snapshot\`, above)" "$(get mount_s rmount)"
