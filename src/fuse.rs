@@ -14,8 +14,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
     INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
-    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use parking_lot::Mutex;
 
@@ -714,6 +714,36 @@ impl Filesystem for DedupFs {
         reply: ReplyEmpty,
     ) {
         Self::reply_empty(self.ns.fsync(self.ino(i)), reply);
+    }
+
+    /// SEEK_DATA and SEEK_HOLE; the kernel answers SEEK_SET, SEEK_CUR and SEEK_END itself.
+    /// Tools that copy sparse files (cp, tar, qemu-img) skip holes by them.
+    fn lseek(
+        &self,
+        _req: &Request,
+        i: INodeNo,
+        _fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        let hole = match whence {
+            libc::SEEK_DATA => false,
+            libc::SEEK_HOLE => true,
+            _ => {
+                reply.error(Errno::EINVAL);
+                return;
+            }
+        };
+        // A negative offset is past every byte, as the kernel's own lseek treats it.
+        let Ok(offset) = u64::try_from(offset) else {
+            reply.error(Errno::ENXIO);
+            return;
+        };
+        match self.ns.seek(self.ino(i), offset, hole) {
+            Ok(at) => reply.offset(at as i64),
+            Err(e) => reply.error(errno(e)),
+        }
     }
 
     fn opendir(&self, _req: &Request, i: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {

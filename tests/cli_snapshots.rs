@@ -91,7 +91,8 @@ fn snapshot_mounts_beside_the_main_mount_and_alone() {
 
 /// A restore mount serves reads with no open state (its kernel sends no OPEN or RELEASE, see
 /// fuse.rs): many small files, a file of many chunks read whole and by two threads at
-/// scattered offsets at once, and a sparse file all read back as written, twice.
+/// scattered offsets at once, and a sparse file all read back as written, twice; SEEK_DATA
+/// and SEEK_HOLE find the sparse file's data there and in the live container.
 #[test]
 fn restore_mount_reads_files_without_open_state() {
     use std::os::unix::fs::FileExt;
@@ -148,6 +149,25 @@ fn restore_mount_reads_files_without_open_state() {
             });
         }
     });
+    // SEEK_DATA and SEEK_HOLE, live and in the restore mount: data at 5 MiB only.
+    for path in [c.join("sparse"), snap.join("sparse")] {
+        let f = std::fs::File::open(&path).unwrap();
+        let seek = |at: i64, whence| {
+            // SAFETY: a plain lseek on an open descriptor.
+            let r = unsafe { libc::lseek(std::os::fd::AsRawFd::as_raw_fd(&f), at, whence) };
+            if r < 0 {
+                Err(std::io::Error::last_os_error().raw_os_error())
+            } else {
+                Ok(r)
+            }
+        };
+        let (data, end) = (5i64 << 20, 9i64 << 20);
+        assert_eq!(seek(0, libc::SEEK_DATA), Ok(data), "{}", path.display());
+        assert_eq!(seek(data, libc::SEEK_HOLE), Ok(data + 6));
+        assert_eq!(seek(0, libc::SEEK_HOLE), Ok(0));
+        assert_eq!(seek(data + 6, libc::SEEK_DATA), Err(Some(libc::ENXIO)));
+        assert_eq!(seek(end, libc::SEEK_HOLE), Err(Some(libc::ENXIO)));
+    }
     refused(run(&m.store, &["snapshot", "delete", "c", "s1"]), "in use");
     ok(dedupfs(["umount".as_ref(), snap.as_os_str()]));
     ok(run(&m.store, &["snapshot", "delete", "c", "s1"]));

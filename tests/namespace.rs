@@ -515,6 +515,86 @@ fn appends_are_visible_before_commit_and_after_release() {
     fx.fsck_clean();
 }
 
+/// st_blocks of a file with pending writes counts each byte once: an overwrite of stored
+/// bytes adds nothing, writes into a hole or past the end add their bytes, and the commit
+/// leaves the count where the pending state put it.
+#[test]
+fn blocks_of_pending_writes_count_each_byte_once() {
+    let fx = Fixture::new();
+    let ns = fx.ns();
+    let c = ns.create_container("c", ROOT, 0o755).expect("container");
+    let f = file_with(ns, c.root, "f", &random(MIB as usize, 41));
+    truncate(ns, f, 3 * MIB); // a hole from 1 MiB to 3 MiB
+    let data_bytes = |f| ns.getattr(f).expect("getattr").rec.data_bytes;
+    assert_eq!(data_bytes(f), MIB);
+    ns.open(f).expect("open");
+    ns.write(f, 200_000, &random(100_000, 42))
+        .expect("overwrite");
+    ns.write(f, 250_000, &random(100_000, 43))
+        .expect("overlapping overwrite");
+    assert_eq!(data_bytes(f), MIB, "overwrites replace stored bytes");
+    ns.write(f, 2 * MIB, &random(50_000, 44))
+        .expect("into the hole");
+    ns.write(f, 3 * MIB - 10, &[7u8; 30])
+        .expect("across the end");
+    let pending = data_bytes(f);
+    assert_eq!(pending, MIB + 50_000 + 30);
+    ns.flush(f).expect("commit");
+    assert_eq!(data_bytes(f), pending, "the commit stores what was counted");
+    ns.release(f).expect("release");
+    fx.fsck_clean();
+}
+
+/// SEEK_DATA and SEEK_HOLE over committed chunks, holes, pending writes and the end of the
+/// file, live and in a snapshot view.
+#[test]
+fn seek_data_and_hole() {
+    let fx = Fixture::new();
+    let ns = fx.ns();
+    let c = ns.create_container("c", ROOT, 0o755).expect("container");
+    let f = file_with(ns, c.root, "f", &random(MIB as usize, 51));
+    truncate(ns, f, 4 * MIB); // data [0, 1 MiB), a hole to 4 MiB
+    ns.open(f).expect("open");
+    ns.write(f, 2 * MIB, &random(10_000, 52))
+        .expect("pending write in the hole");
+    let seek = |ino, at, hole| ns.seek(ino, at, hole);
+    let live = [
+        (0, false, Ok(0)),
+        (0, true, Ok(MIB)),
+        (500_000, false, Ok(500_000)),
+        (MIB, false, Ok(2 * MIB)),
+        (MIB, true, Ok(MIB)),
+        (2 * MIB + 5, false, Ok(2 * MIB + 5)),
+        (2 * MIB + 5, true, Ok(2 * MIB + 10_000)),
+        (3 * MIB, false, Err(FsError::NoDataAfter)),
+        (3 * MIB, true, Ok(3 * MIB)),
+        (4 * MIB - 1, true, Ok(4 * MIB - 1)),
+        (4 * MIB, false, Err(FsError::NoDataAfter)),
+        (4 * MIB, true, Err(FsError::NoDataAfter)),
+    ];
+    for (at, hole, want) in live {
+        assert_eq!(seek(f, at, hole), want, "pending: {at} hole={hole}");
+    }
+    ns.flush(f).expect("commit");
+    ns.release(f).expect("release");
+    for (at, hole, want) in live {
+        assert_eq!(seek(f, at, hole), want, "committed: {at} hole={hole}");
+    }
+    ns.create_snapshot("c", Some("s")).expect("snapshot");
+    ns.write(f, 3 * MIB, b"later")
+        .expect("write after the snapshot");
+    assert_eq!(seek(f, 3 * MIB, false), Ok(3 * MIB));
+    let view = ns
+        .lookup(snapshot_root(ns, c.root, "s"), b"f")
+        .expect("in the snapshot")
+        .ino;
+    for (at, hole, want) in live {
+        assert_eq!(seek(view, at, hole), want, "snapshot: {at} hole={hole}");
+    }
+    assert_eq!(seek(c.root, 0, false), Err(FsError::IsDir));
+    fx.fsck_clean();
+}
+
 #[test]
 fn truncate_shrinks_and_grows() {
     let fx = Fixture::new();

@@ -255,6 +255,76 @@ impl FileState {
         out
     }
 
+    /// The data bytes the file holds with its pending writes (for st_blocks): the committed
+    /// extents' bytes plus the pending bytes no extent covers. An overwrite of stored bytes
+    /// replaces them, so it adds nothing until its commit changes the chunks' lengths.
+    fn data_bytes_with_pending(&self) -> u64 {
+        let mut ranges: Vec<(u64, u64)> = self
+            .dirty
+            .iter()
+            .map(|(s, v)| (*s, *s + v.len() as u64))
+            .chain(self.sealed.iter().map(|(s, v)| (*s, *s + v.len() as u64)))
+            .collect();
+        ranges.sort_unstable();
+        // Dirty ranges overlay sealed ones: count each byte once.
+        let mut total = self.data_bytes;
+        let mut run: Option<(u64, u64)> = None;
+        for (start, end) in ranges {
+            run = match run {
+                Some((a, b)) if start <= b => Some((a, b.max(end))),
+                Some((a, b)) => {
+                    total += self.uncovered(a, b);
+                    Some((start, end))
+                }
+                None => Some((start, end)),
+            };
+        }
+        if let Some((a, b)) = run {
+            total += self.uncovered(a, b);
+        }
+        total
+    }
+
+    /// Bytes of `[start, end)` that no committed extent covers.
+    fn uncovered(&self, start: u64, end: u64) -> u64 {
+        let first = self
+            .extents
+            .range(..=start)
+            .next_back()
+            .map_or(start, |(s, _)| *s);
+        let covered: u64 = self
+            .extents
+            .range(first..end)
+            .map(|(&s, e)| e.end(s).min(end).saturating_sub(s.max(start)))
+            .sum();
+        (end - start).saturating_sub(covered)
+    }
+
+    /// The ranges holding data, committed or pending, that end after `offset`, by start
+    /// (they may overlap: pending writes overlay chunks).
+    fn data_ranges_after(&self, offset: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+        fn after<'a, V>(
+            map: &'a BTreeMap<u64, V>,
+            offset: u64,
+            len: impl Fn(&V) -> u64 + 'a,
+        ) -> impl Iterator<Item = (u64, u64)> + 'a {
+            let before = map.range(..=offset).next_back();
+            before
+                .into_iter()
+                .chain(map.range(offset.saturating_add(1)..))
+                .map(move |(s, v)| (*s, *s + len(v)))
+                .filter(move |(_, end)| *end > offset)
+        }
+        merge_by_start([
+            Box::new(after(&self.extents, offset, |e: &Extent| e.len as u64))
+                as Box<dyn Iterator<Item = (u64, u64)>>,
+            Box::new(after(&self.dirty, offset, |v: &Vec<u8>| v.len() as u64)),
+            Box::new(after(&self.sealed, offset, |v: &Arc<Vec<u8>>| {
+                v.len() as u64
+            })),
+        ])
+    }
+
     /// Puts `bytes` back under the current pending writes (newer writes win).
     fn restore_under(&mut self, older: BTreeMap<u64, Vec<u8>>) {
         let newer = std::mem::replace(&mut self.dirty, older);
@@ -334,6 +404,49 @@ impl CutPlan {
     }
 }
 
+/// Sorted iterators of (start, end) merged into one sorted by start.
+pub(crate) fn merge_by_start<'a, const N: usize>(
+    sources: [Box<dyn Iterator<Item = (u64, u64)> + 'a>; N],
+) -> impl Iterator<Item = (u64, u64)> + 'a {
+    let mut sources = sources.map(|s| s.peekable());
+    std::iter::from_fn(move || {
+        let next = sources
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, s)| s.peek().map(|r| (r.0, i)))
+            .min()?;
+        sources[next.1].next()
+    })
+}
+
+/// Where lseek(2) SEEK_DATA (`hole` false) or SEEK_HOLE from `offset` lands in a file of
+/// `size` bytes whose data lies in `ranges` (sorted by start, each ending after `offset`).
+/// Past the last data SEEK_DATA fails with ENXIO; the end of the file is a hole.
+pub(crate) fn seek_in(
+    mut ranges: impl Iterator<Item = (u64, u64)>,
+    offset: u64,
+    size: u64,
+    hole: bool,
+) -> FsResult<u64> {
+    if offset >= size {
+        return Err(FsError::NoDataAfter);
+    }
+    if !hole {
+        return match ranges.next() {
+            Some((start, _)) if start.max(offset) < size => Ok(start.max(offset)),
+            _ => Err(FsError::NoDataAfter),
+        };
+    }
+    let mut at = offset;
+    for (start, end) in ranges {
+        if start > at {
+            break;
+        }
+        at = at.max(end);
+    }
+    Ok(at.min(size))
+}
+
 /// Changes a setattr makes to the inode record in the same batch as a truncate.
 type RecordPatch<'a> = dyn Fn(&mut InodeRecord) -> FsResult<()> + 'a;
 
@@ -382,7 +495,7 @@ impl OpenFile {
         let st = self.state.lock();
         let mut rec = read()?;
         rec.size = st.size;
-        rec.data_bytes = st.data_bytes + (st.dirty_bytes + st.sealed_bytes) as u64;
+        rec.data_bytes = st.data_bytes_with_pending();
         // A commit in flight has taken the writes' times and not stored them yet.
         if let Some(t) = st.times_dirty.or(st.sealed_times) {
             rec.mtime = t;
@@ -671,6 +784,20 @@ impl Namespace {
                 .bytes_read
                 .fetch_add(out.len() as u64, Ordering::Relaxed);
             Ok(out)
+        })
+    }
+
+    /// lseek(2) SEEK_DATA (`hole` false) or SEEK_HOLE: the first byte at or after `offset`
+    /// that holds data, or that is in a hole (the end of the file counts as one). Pending
+    /// writes count as data.
+    pub fn seek(&self, ino: InodeNo, offset: u64, hole: bool) -> FsResult<u64> {
+        if let View::Snapshot(id, inner) = View::of(ino) {
+            return self.view_seek(ino, id, inner, offset, hole);
+        }
+        // Opening refuses what is not a regular file (EISDIR, EINVAL).
+        self.with_file(ino, |file| {
+            let st = file.state.lock();
+            seek_in(st.data_ranges_after(offset), offset, st.size, hole)
         })
     }
 

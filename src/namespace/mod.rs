@@ -81,6 +81,9 @@ pub enum FsError {
     TooBig,
     #[error("too many links")]
     TooManyLinks,
+    /// SEEK_DATA at or past the last data, or SEEK_DATA/SEEK_HOLE at or past the end.
+    #[error("no such device or address")]
+    NoDataAfter,
 }
 
 impl FsError {
@@ -104,6 +107,7 @@ impl FsError {
             FsError::Busy => libc::EBUSY,
             FsError::TooBig => libc::EFBIG,
             FsError::TooManyLinks => libc::EMLINK,
+            FsError::NoDataAfter => libc::ENXIO,
         }
     }
 }

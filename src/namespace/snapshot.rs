@@ -937,6 +937,25 @@ impl Namespace {
         Ok(file)
     }
 
+    /// lseek(2) SEEK_DATA or SEEK_HOLE in a snapshot file (see [`Namespace::seek`]).
+    pub(crate) fn view_seek(
+        &self,
+        view_ino: InodeNo,
+        id: SnapshotId,
+        ino: InodeNo,
+        offset: u64,
+        hole: bool,
+    ) -> FsResult<u64> {
+        let file = self.snap_file(view_ino, id, ino)?;
+        let before = file.extents.range(..=offset).next_back();
+        let ranges = before
+            .into_iter()
+            .chain(file.extents.range(offset.saturating_add(1)..))
+            .map(|(s, e)| (*s, *s + e.len as u64))
+            .filter(|(_, end)| *end > offset);
+        super::file::seek_in(ranges, offset, file.size, hole)
+    }
+
     /// Reads a snapshot file; every chunk is verified.
     pub(crate) fn view_read(
         &self,
