@@ -716,6 +716,47 @@ impl Filesystem for DedupFs {
         Self::reply_empty(self.ns.fsync(self.ino(i)), reply);
     }
 
+    /// fallocate(2): PUNCH_HOLE (with KEEP_SIZE, which the kernel insists on) and ZERO_RANGE
+    /// make the range a hole, which reads as zeros and holds no chunk; ZERO_RANGE without
+    /// KEEP_SIZE also extends the size. Reserving space (mode 0, KEEP_SIZE alone) means
+    /// nothing in a deduplicating store and stays EOPNOTSUPP, which glibc's posix_fallocate
+    /// answers by writing; so do COLLAPSE, INSERT and UNSHARE.
+    fn fallocate(
+        &self,
+        _req: &Request,
+        i: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        const ZERO_KEEP: i32 = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+        let ino = self.ino(i);
+        let result = match mode {
+            PUNCH | ZERO_KEEP => self.ns.punch_hole(ino, offset, length),
+            libc::FALLOC_FL_ZERO_RANGE => self.ns.punch_hole(ino, offset, length).and_then(|()| {
+                let end = offset.saturating_add(length);
+                let size = self.ns.getattr(ino)?.rec.size;
+                if end <= size {
+                    return Ok(());
+                }
+                // The kernel checked that the descriptor is open for writing.
+                let set = SetAttr {
+                    size: Some(end),
+                    ..SetAttr::default()
+                };
+                self.ns.setattr(ino, &set, Caller::ROOT).map(drop)
+            }),
+            _ => {
+                reply.error(Errno::EOPNOTSUPP);
+                return;
+            }
+        };
+        Self::reply_empty(result, reply);
+    }
+
     /// SEEK_DATA and SEEK_HOLE; the kernel answers SEEK_SET, SEEK_CUR and SEEK_END itself.
     /// Tools that copy sparse files (cp, tar, qemu-img) skip holes by them.
     fn lseek(

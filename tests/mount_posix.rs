@@ -6,6 +6,7 @@ mod common;
 use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
@@ -357,6 +358,76 @@ fn sparse_file_with_gib_hole() {
         // Reading at EOF gives nothing.
         let mut tail = [0u8; 16];
         assert_eq!(f.read_at(&mut tail, GIB + 4096).unwrap(), 0);
+    };
+    check_file(&path);
+    m.remount();
+    check_file(&path);
+    m.finish();
+}
+
+fn fallocate(f: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: a plain fallocate on an open descriptor.
+    let r = unsafe { libc::fallocate(f.as_raw_fd(), mode, offset as i64, len as i64) };
+    check(r).map(drop)
+}
+
+/// fallocate through the mount: PUNCH_HOLE and ZERO_RANGE (with KEEP_SIZE) leave a hole that
+/// reads as zeros, SEEK_HOLE finds and st_blocks no longer counts, through the kernel's page
+/// cache and after a remount; ZERO_RANGE without KEEP_SIZE extends the file; reserving modes
+/// say EOPNOTSUPP while posix_fallocate still works (glibc writes).
+#[test]
+fn fallocate_punches_holes() {
+    let mut m = Mounted::new();
+    let path = m.c().join("f");
+    let mut data = random(3 * MIB as usize, 71);
+    fs::write(&path, &data).unwrap();
+    {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        assert_eq!(read_at(&f, 0, data.len()), data, "cached before the punch");
+        let keep = libc::FALLOC_FL_KEEP_SIZE;
+        fallocate(&f, libc::FALLOC_FL_PUNCH_HOLE | keep, 100_000, MIB).unwrap();
+        data[100_000..100_000 + MIB as usize].fill(0);
+        fallocate(&f, libc::FALLOC_FL_ZERO_RANGE | keep, 2 * MIB, 300_000).unwrap();
+        data[2 * MIB as usize..2 * MIB as usize + 300_000].fill(0);
+        assert_eq!(
+            read_at(&f, 0, data.len()),
+            data,
+            "the page cache dropped the range"
+        );
+        // SAFETY: plain lseeks on an open descriptor.
+        let hole = unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_HOLE) };
+        assert_eq!(hole, 100_000);
+        let next = unsafe { libc::lseek(f.as_raw_fd(), hole, libc::SEEK_DATA) };
+        assert_eq!(next, 100_000 + MIB as i64);
+        fallocate(&f, libc::FALLOC_FL_ZERO_RANGE, 3 * MIB - 10, 1000).unwrap();
+        data[3 * MIB as usize - 10..].fill(0);
+        data.resize(3 * MIB as usize + 990, 0);
+        assert_eq!(f.metadata().unwrap().len(), 3 * MIB + 990);
+        assert_eq!(errno(fallocate(&f, 0, 0, 4096)), libc::EOPNOTSUPP);
+        assert_eq!(errno(fallocate(&f, keep, 0, 4096)), libc::EOPNOTSUPP);
+    }
+    {
+        // glibc emulates what EOPNOTSUPP refuses by writing a byte per block.
+        let g = File::create(m.c().join("g")).unwrap();
+        // SAFETY: a plain posix_fallocate on an open descriptor.
+        let r = unsafe { libc::posix_fallocate(g.as_raw_fd(), 0, 100_000) };
+        assert_eq!(r, 0, "posix_fallocate");
+        assert_eq!(g.metadata().unwrap().len(), 100_000);
+    }
+    let check_file = |path: &Path| {
+        let md = fs::metadata(path).unwrap();
+        assert_eq!(md.size(), 3 * MIB + 990);
+        let stored = 3 * MIB - MIB - 300_000 - 10;
+        assert!(
+            md.blocks() * 512 <= stored + 64 * 1024,
+            "st_blocks {} for {stored} bytes of data",
+            md.blocks()
+        );
+        assert_eq!(fs::read(path).unwrap(), data);
     };
     check_file(&path);
     m.remount();

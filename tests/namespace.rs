@@ -595,6 +595,75 @@ fn seek_data_and_hole() {
     fx.fsck_clean();
 }
 
+/// fallocate PUNCH_HOLE: the range reads as zeros and holds no chunk, the rest reads as
+/// before, chunks wholly inside give their space back, pending writes in the range go, and a
+/// snapshot taken before keeps the old bytes; ranges past the end change nothing.
+#[test]
+fn punch_hole_makes_a_hole() {
+    let fx = Fixture::new();
+    let ns = fx.ns();
+    let c = ns.create_container("c", ROOT, 0o755).expect("container");
+    let mut data = random(3 * MIB as usize, 61);
+    let f = file_with(ns, c.root, "f", &data);
+    ns.create_snapshot("c", Some("s")).expect("snapshot");
+    let before = ns.counters();
+    let blocks = |f| ns.getattr(f).expect("getattr").rec.data_bytes;
+    assert_eq!(blocks(f), 3 * MIB);
+
+    // Across chunk boundaries, with a pending write inside and one across its end.
+    ns.open(f).expect("open");
+    ns.write(f, 600_000, &random(5_000, 62))
+        .expect("pending inside");
+    let across = random(20_000, 63);
+    ns.write(f, 1_990_000, &across)
+        .expect("pending across the end");
+    data[1_990_000..2_010_000].copy_from_slice(&across);
+    ns.punch_hole(f, 500_000, 1_500_000).expect("punch");
+    data[500_000..2_000_000].fill(0);
+    assert!(read_all(ns, f) == data, "reads after the punch, pending");
+    ns.release(f).expect("release");
+    assert!(read_all(ns, f) == data, "reads after the punch, committed");
+    assert_eq!(blocks(f), 3 * MIB - 1_500_000);
+    assert_eq!(ns.seek(f, 0, true), Ok(500_000));
+    assert_eq!(ns.seek(f, 500_000, false), Ok(2_000_000));
+    let after = ns.counters();
+    assert_eq!(after.logical_bytes, before.logical_bytes - 1_500_000);
+    // The snapshot holds every old chunk: nothing is reclaimed yet.
+    assert!(after.stored_bytes >= before.stored_bytes, "{after:?}");
+
+    // A snapshot taken before still reads the old bytes.
+    let view = ns
+        .lookup(snapshot_root(ns, c.root, "s"), b"f")
+        .expect("in the snapshot")
+        .ino;
+    assert!(
+        read_all(ns, view) == random(3 * MIB as usize, 61),
+        "the snapshot keeps them"
+    );
+
+    // Past the end, or empty: nothing changes; the size never does.
+    ns.punch_hole(f, 3 * MIB, 4096).expect("past the end");
+    ns.punch_hole(f, 100, 0).expect("empty");
+    ns.punch_hole(f, 2_900_000, MIB).expect("to past the end");
+    data[2_900_000..].fill(0);
+    assert_eq!(ns.getattr(f).expect("getattr").rec.size, 3 * MIB);
+    assert!(read_all(ns, f) == data);
+    fx.fsck_clean();
+
+    // Without the snapshot, punched chunks give their space back.
+    ns.delete_snapshot("c", "s").expect("delete");
+    let held = ns.counters().stored_bytes;
+    ns.punch_hole(f, 0, 3 * MIB).expect("punch it all");
+    assert_eq!(blocks(f), 0);
+    assert!(read_all(ns, f).iter().all(|b| *b == 0));
+    assert!(
+        ns.counters().stored_bytes < held / 10,
+        "{:?}",
+        ns.counters()
+    );
+    fx.fsck_clean();
+}
+
 #[test]
 fn truncate_shrinks_and_grows() {
     let fx = Fixture::new();

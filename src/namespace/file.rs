@@ -174,6 +174,39 @@ impl FileState {
         }
     }
 
+    /// Drops the pending bytes in `[start, end)`; a range reaching past either end keeps
+    /// its parts outside.
+    fn cut_dirty(&mut self, start: u64, end: u64) {
+        let first = self
+            .dirty
+            .range(..=start)
+            .next_back()
+            .map_or(start, |(s, _)| *s);
+        let hit: Vec<u64> = self
+            .dirty
+            .range(first..end)
+            .filter(|(s, v)| **s + v.len() as u64 > start)
+            .map(|(s, _)| *s)
+            .collect();
+        for s in hit {
+            let Some(v) = self.dirty.remove(&s) else {
+                continue;
+            };
+            self.dirty_bytes -= v.len();
+            // What stays keeps a gap on both sides: the ranges stay non-adjacent.
+            if s < start {
+                let left = v[..(start - s) as usize].to_vec();
+                self.dirty_bytes += left.len();
+                self.dirty.insert(s, left);
+            }
+            if s + v.len() as u64 > end {
+                let right = v[(end - s) as usize..].to_vec();
+                self.dirty_bytes += right.len();
+                self.dirty.insert(end, right);
+            }
+        }
+    }
+
     fn last_extent_end(&self) -> u64 {
         self.extents
             .iter()
@@ -931,6 +964,63 @@ impl Namespace {
             )
         })?;
         self.getattr(ino)
+    }
+
+    /// fallocate(2) PUNCH_HOLE: `[offset, offset+len)`, clipped to the size, becomes a hole,
+    /// in one batch; the size stays. Chunks wholly inside are released (their space comes
+    /// back unless a snapshot or another file holds them); the bytes a chunk straddling an
+    /// end holds outside the range are re-chunked as a write of them would be.
+    pub fn punch_hole(&self, ino: InodeNo, offset: u64, len: u64) -> FsResult<()> {
+        writable(ino)?;
+        let end = offset.checked_add(len).ok_or(FsError::Invalid)?;
+        if self.kv.is_poisoned() {
+            return Err(FsError::ReadOnly);
+        }
+        self.with_file(ino, |file| {
+            let mut st = file.state.lock();
+            Self::wait_idle(file, &mut st);
+            if let Some(e) = st.error.take() {
+                return Err(e);
+            }
+            let end = end.min(st.size);
+            if offset >= end {
+                return Ok(());
+            }
+            st.cut_dirty(offset, end);
+            if st.resume_at.is_some_and(|r| r >= offset) {
+                st.resume_at = None;
+            }
+            let first = st
+                .extents
+                .range(..=offset)
+                .next_back()
+                .map_or(offset, |(s, _)| *s);
+            let hit: Vec<(u64, Extent)> = st
+                .extents
+                .range(first..end)
+                .filter(|(s, e)| e.end(**s) > offset)
+                .map(|(s, e)| (*s, *e))
+                .collect();
+            // Read what the straddling chunks hold outside the range before they go.
+            let mut keep = Vec::new();
+            for (s, e) in &hit {
+                if *s < offset {
+                    keep.push((*s, self.fill(ino, &st, *s, offset - s, Holes::Zero)?));
+                }
+                if e.end(*s) > end {
+                    keep.push((end, self.fill(ino, &st, end, e.end(*s) - end, Holes::Zero)?));
+                }
+            }
+            for (s, e) in hit {
+                st.extents.remove(&s);
+                st.released.push((s, e));
+            }
+            for (s, bytes) in keep {
+                st.insert_dirty(s, &bytes);
+            }
+            st.times_dirty = Some(now_ns());
+            self.commit(file, st, CommitMode::All, Sync::Process, None)
+        })
     }
 
     /// Bytes of `[pos, pos+len)` from pending writes over committed chunks. With
