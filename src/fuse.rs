@@ -209,6 +209,9 @@ pub struct DedupFs {
     root: InodeNo,
     /// A restore mount: nothing in it changes, so files need no open state (see `open`).
     restore_mount: bool,
+    /// A restore mount on a kernel that takes ENOSYS for OPEN as "no open needed" (4.19 on,
+    /// FUSE_NO_OPEN_SUPPORT); set at INIT.
+    no_open: bool,
 }
 
 impl DedupFs {
@@ -217,6 +220,7 @@ impl DedupFs {
             ns,
             root,
             restore_mount: root != InodeNo::ROOT,
+            no_open: false,
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             stale_attrs: Arc::new(std::sync::OnceLock::new()),
@@ -403,6 +407,11 @@ impl Filesystem for DedupFs {
         // Kernels without it keep sending READDIR and LOOKUP.
         let _ = config
             .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
+        // Older kernels fail the open(2) itself on ENOSYS.
+        self.no_open = self.restore_mount
+            && config
+                .capabilities()
+                .contains(InitFlags::FUSE_NO_OPEN_SUPPORT);
         Ok(())
     }
 
@@ -615,7 +624,7 @@ impl Filesystem for DedupFs {
     }
 
     fn open(&self, _req: &Request, i: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if self.restore_mount {
+        if self.no_open {
             // A restore mount is read-only and its files never change: reads need no open
             // state (see `Namespace::snap_file`). ENOSYS tells the kernel to take this and
             // every later open as done, with the page cache kept (FOPEN_KEEP_CACHE), and to

@@ -3167,6 +3167,53 @@ fn snapshot_files_read_without_an_open() {
     fx.fsck_clean();
 }
 
+/// A big snapshot file (past the size whose whole extent map is kept) read without an open,
+/// a range of extents at a time: pieces across chunk ends and holes read back exactly.
+#[test]
+fn big_snapshot_file_read_without_an_open() {
+    let fx = Fixture::new();
+    let ns = fx.ns();
+    let c = ns.create_container("c", ROOT, 0o755).expect("container");
+    let f = create(ns, c.root, "big");
+    let pieces = [(0, 61), (200 * MIB, 62), (299 * MIB + 12_345, 63)];
+    for (at, seed) in pieces {
+        ns.write(f, at, &random(MIB as usize, seed)).expect("write");
+    }
+    let size = 300 * MIB + 12_345;
+    assert_eq!(ns.getattr(f).expect("getattr").rec.size, size);
+    ns.create_snapshot("c", Some("s")).expect("snapshot");
+    let view = ns
+        .lookup(snapshot_root(ns, c.root, "s"), b"big")
+        .expect("in the snapshot")
+        .ino;
+    let expect = |at: u64, len: u64| -> Vec<u8> {
+        let mut out = vec![0u8; len.min(size.saturating_sub(at)) as usize];
+        for (start, seed) in pieces {
+            let data = random(MIB as usize, seed);
+            for (i, b) in out.iter_mut().enumerate() {
+                let p = at + i as u64;
+                if p >= start && p < start + MIB {
+                    *b = data[(p - start) as usize];
+                }
+            }
+        }
+        out
+    };
+    for (at, len) in [
+        (0, 70_000),
+        (MIB - 50_000, 100_000),
+        (5 * MIB, 4096),
+        (200 * MIB - 10, 300_000),
+        (200 * MIB + 123_457, 131_072),
+        (299 * MIB, 2 * MIB),
+        (size - 5, 100),
+    ] {
+        let got = ns.read(view, at, len as u32).expect("read");
+        assert!(got == expect(at, len), "read of {len} at {at}");
+    }
+    fx.fsck_clean();
+}
+
 /// Overwriting a large file after a snapshot keeps the old chunks for the snapshot only:
 /// the snapshot reads the old bytes, live the new, and deleting the snapshot gives back
 /// exactly the chunks only the old version used.

@@ -76,6 +76,9 @@ struct FileState {
     times_dirty: Option<i64>,
     /// The times a commit in flight took from `times_dirty`, until it stores them.
     sealed_times: Option<i64>,
+    /// Bytes of the extents a commit in flight is releasing (out of `released`, still in
+    /// `data_bytes` until it stores its batch).
+    sealed_released_bytes: u64,
     /// A natural cut at which a held-back tail starts: re-chunking may begin there.
     resume_at: Option<u64>,
     dirty_since: Option<Instant>,
@@ -102,6 +105,7 @@ impl FileState {
             released: Vec::new(),
             times_dirty: None,
             sealed_times: None,
+            sealed_released_bytes: 0,
             resume_at: None,
             dirty_since: None,
             closed: false,
@@ -289,8 +293,9 @@ impl FileState {
     }
 
     /// The data bytes the file holds with its pending writes (for st_blocks): the committed
-    /// extents' bytes plus the pending bytes no extent covers. An overwrite of stored bytes
-    /// replaces them, so it adds nothing until its commit changes the chunks' lengths.
+    /// extents' bytes, less those a truncate or punched hole released, plus the pending bytes
+    /// no extent covers. An overwrite of stored bytes replaces them, so it adds nothing until
+    /// its commit changes the chunks' lengths.
     fn data_bytes_with_pending(&self) -> u64 {
         let mut ranges: Vec<(u64, u64)> = self
             .dirty
@@ -300,7 +305,10 @@ impl FileState {
             .collect();
         ranges.sort_unstable();
         // Dirty ranges overlay sealed ones: count each byte once.
-        let mut total = self.data_bytes;
+        let released: u64 = self.released.iter().map(|(_, e)| e.len as u64).sum();
+        let mut total = self
+            .data_bytes
+            .saturating_sub(released + self.sealed_released_bytes);
         let mut run: Option<(u64, u64)> = None;
         for (start, end) in ranges {
             run = match run {
@@ -588,6 +596,7 @@ impl Namespace {
                 released: Vec::new(),
                 times_dirty: None,
                 sealed_times: None,
+                sealed_released_bytes: 0,
                 resume_at: None,
                 dirty_since: None,
                 closed: false,
@@ -1335,6 +1344,7 @@ impl Namespace {
         } else {
             None
         };
+        st.sealed_released_bytes = st.released.iter().map(|(_, e)| e.len as u64).sum();
         Ok(Sealed {
             plan,
             stream,
@@ -1415,6 +1425,7 @@ impl Namespace {
         let sealed_bytes = std::mem::take(&mut st.sealed);
         st.sealed_bytes = 0;
         st.sealed_times = None;
+        st.sealed_released_bytes = 0;
         let outcome = match result {
             Ok((new_extents, data_bytes)) => {
                 for off in &sealed.plan.removed {

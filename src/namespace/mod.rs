@@ -1017,6 +1017,7 @@ impl Namespace {
             *n -= 1;
             if *n == 0 {
                 held.remove(&id);
+                self.forget_snap_files(id);
             }
         }
     }

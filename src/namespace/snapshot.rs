@@ -128,6 +128,10 @@ pub fn is_snapshot_ino(ino: InodeNo) -> bool {
 }
 
 /// A snapshot file opened for reading: its extents at the snapshot's epoch.
+/// Snapshot files up to this size read without an open have their whole extent map loaded
+/// and kept (at most ~16k extents at the smallest chunks); bigger ones are read a range of
+/// extents at a time.
+const WHOLE_MAP_MAX_BYTES: u64 = 256 << 20;
 /// Snapshot files read without an open whose extent maps stay in memory, at most.
 const RECENT_SNAP_FILES: usize = 8;
 /// Extents those maps hold together, at most (~50 MiB; 64 GiB of file data at 64 KiB chunks),
@@ -509,13 +513,6 @@ impl Namespace {
         {
             return Err(FsError::Busy);
         }
-        // Snapshot ids are never reused: this only frees memory.
-        self.snap_recent
-            .lock()
-            .retain(|(ino, _)| match View::of(*ino) {
-                View::Snapshot(id, _) => id != s.id,
-                _ => true,
-            });
         let (prev, next) = self.neighbours(c.id, s.epoch);
         let prev = prev.unwrap_or(Epoch(0));
         let mut txn = Txn::new(Sync::Disk);
@@ -584,6 +581,8 @@ impl Namespace {
         self.apply(&mut st, txn, &|_| None)?;
         deleted.reclaimed_bytes = stored_before.saturating_sub(st.counters.stored_bytes);
         self.snapshots.write().remove(&(c.id, s.epoch));
+        // After the removal: a read loading a map meanwhile sees the snapshot gone.
+        self.forget_snap_files(s.id);
         drop(st);
         self.forget_snapshot_name(c.root, &s.name);
         Ok(deleted)
@@ -866,6 +865,17 @@ impl Namespace {
     }
 
     fn load_snap_file(&self, id: SnapshotId, ino: InodeNo) -> FsResult<SnapFile> {
+        self.load_snap_range(id, ino, 0, u64::MAX)
+    }
+
+    /// [`Namespace::load_snap_file`] with only the extents that start in `[from, to)`.
+    fn load_snap_range(
+        &self,
+        id: SnapshotId,
+        ino: InodeNo,
+        from: u64,
+        to: u64,
+    ) -> FsResult<SnapFile> {
         let s = self.snapshot_of_view(id)?;
         let (rec, _) = self.inode_at(ino, s.epoch)?.ok_or(FsError::NotFound)?;
         match rec.kind {
@@ -875,11 +885,18 @@ impl Namespace {
         }
         let mut extents = BTreeMap::new();
         let mut last = None;
-        for item in self.kv.scan_prefix(Cf::Extent, &key::extents_prefix(ino)) {
+        let start = key::extent_offset_prefix(ino, from);
+        for item in self
+            .kv
+            .scan_from(Cf::Extent, &key::extents_prefix(ino), &start)
+        {
             let (k, v) = item?;
             let Some((_, offset, birth)) = key::parse_extent(&k) else {
                 return Err(FsError::Io);
             };
+            if offset >= to {
+                break;
+            }
             if birth > s.epoch || last == Some(offset) {
                 continue;
             }
@@ -895,6 +912,15 @@ impl Namespace {
         })
     }
 
+    /// Drops the extent maps kept for reads without an open of snapshot `id` (deleted, or
+    /// no longer served by a restore mount). Snapshot ids are never reused: this frees
+    /// memory, it does not make anything true again.
+    pub(crate) fn forget_snap_files(&self, id: SnapshotId) {
+        self.snap_recent
+            .lock()
+            .retain(|(ino, _)| !matches!(View::of(*ino), View::Snapshot(of, _) if of == id));
+    }
+
     /// The extent map of a snapshot file being read: its open state, or one of the last few
     /// loaded for reads without an open, so that the reads of one file load it once. Those
     /// are kept while they hold at most `RECENT_SNAP_EXTENTS` extents together; the newest
@@ -905,23 +931,14 @@ impl Namespace {
         id: SnapshotId,
         ino: InodeNo,
     ) -> FsResult<Arc<SnapFile>> {
-        if let Some(f) = self.snap_files.lock().get(&view_ino).map(|e| e.0.clone()) {
-            return Ok(f);
-        }
-        {
-            let mut recent = self.snap_recent.lock();
-            if let Some(i) = recent.iter().position(|(v, _)| *v == view_ino) {
-                if let Some(entry) = recent.remove(i) {
-                    let file = entry.1.clone();
-                    recent.push_front(entry);
-                    return Ok(file);
-                }
-            }
+        if let Some(file) = self.kept_snap_file(view_ino) {
+            return Ok(file);
         }
         // Loaded without the lock: another thread's read of the same file may load it too.
         let file = Arc::new(self.load_snap_file(id, ino)?);
         let mut recent = self.snap_recent.lock();
-        if !recent.iter().any(|(v, _)| *v == view_ino) {
+        let live = self.snapshot_of_view(id).is_ok(); // not deleted meanwhile
+        if live && !recent.iter().any(|(v, _)| *v == view_ino) {
             recent.push_front((view_ino, file.clone()));
             let mut extents = 0;
             let keep = recent
@@ -956,6 +973,47 @@ impl Namespace {
         super::file::seek_in(ranges, offset, file.size, hole)
     }
 
+    /// The extent map of a snapshot file open or kept, if it is.
+    fn kept_snap_file(&self, view_ino: InodeNo) -> Option<Arc<SnapFile>> {
+        if let Some(f) = self.snap_files.lock().get(&view_ino).map(|e| e.0.clone()) {
+            return Some(f);
+        }
+        let mut recent = self.snap_recent.lock();
+        let i = recent.iter().position(|(v, _)| *v == view_ino)?;
+        let entry = recent.remove(i)?;
+        let file = entry.1.clone();
+        recent.push_front(entry);
+        Some(file)
+    }
+
+    /// The extents a read of `[offset, offset+len)` needs: the file's whole map as
+    /// [`Namespace::snap_file`] keeps it, but for a big file neither open nor kept only the
+    /// extents around the range. Several big files read at once without an open (a restore
+    /// mount) would otherwise push each other's maps out and load them whole for every read.
+    fn snap_extents_for_read(
+        &self,
+        view_ino: InodeNo,
+        id: SnapshotId,
+        ino: InodeNo,
+        offset: u64,
+        len: u64,
+    ) -> FsResult<Arc<SnapFile>> {
+        if let Some(file) = self.kept_snap_file(view_ino) {
+            return Ok(file);
+        }
+        let s = self.snapshot_of_view(id)?;
+        let (rec, _) = self.inode_at(ino, s.epoch)?.ok_or(FsError::NotFound)?;
+        if rec.size <= WHOLE_MAP_MAX_BYTES {
+            return self.snap_file(view_ino, id, ino);
+        }
+        // What must hold: no extent is longer than the store's largest chunk (every writer
+        // cuts with the store's chunker; truncates and punched holes only shorten extents).
+        let back = u64::from(self.store.config.chunker.max);
+        let from = offset.saturating_sub(back);
+        let range = self.load_snap_range(id, ino, from, offset.saturating_add(len))?;
+        Ok(Arc::new(range))
+    }
+
     /// Reads a snapshot file; every chunk is verified.
     pub(crate) fn view_read(
         &self,
@@ -965,7 +1023,7 @@ impl Namespace {
         offset: u64,
         size: u32,
     ) -> FsResult<Vec<u8>> {
-        let file = self.snap_file(view_ino, id, ino)?;
+        let file = self.snap_extents_for_read(view_ino, id, ino, offset, size as u64)?;
         let end = (offset.saturating_add(size as u64)).min(file.size);
         if offset >= end {
             return Ok(Vec::new());
