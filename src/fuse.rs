@@ -12,10 +12,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use parking_lot::Mutex;
 
@@ -745,25 +745,43 @@ impl Filesystem for DedupFs {
         let ino = self.ino(i);
         let result = match mode {
             PUNCH | ZERO_KEEP => self.ns.punch_hole(ino, offset, length),
-            libc::FALLOC_FL_ZERO_RANGE => self.ns.punch_hole(ino, offset, length).and_then(|()| {
-                let end = offset.saturating_add(length);
-                let size = self.ns.getattr(ino)?.rec.size;
-                if end <= size {
-                    return Ok(());
-                }
-                // The kernel checked that the descriptor is open for writing.
-                let set = SetAttr {
-                    size: Some(end),
-                    ..SetAttr::default()
-                };
-                self.ns.setattr(ino, &set, Caller::ROOT).map(drop)
-            }),
+            libc::FALLOC_FL_ZERO_RANGE => self.ns.zero_range(ino, offset, length, true),
             _ => {
                 reply.error(Errno::EOPNOTSUPP);
                 return;
             }
         };
         Self::reply_empty(result, reply);
+    }
+
+    /// copy_file_range(2): by reference where the shape allows, so `cp` of a file in the
+    /// mount (or out of a snapshot into a container) stores nothing and reads nothing (see
+    /// `Namespace::copy_by_reference`); otherwise EOPNOTSUPP, and the kernel copies the bytes
+    /// itself (ENOSYS would stop it asking for good).
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        ino_in: INodeNo,
+        _fh_in: FileHandle,
+        offset_in: u64,
+        ino_out: INodeNo,
+        _fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        _flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        // The reply counts bytes in 32 bits.
+        let max = len.min(u64::from(u32::MAX));
+        let (src, dst) = (self.ino(ino_in), self.ino(ino_out));
+        match self
+            .ns
+            .copy_by_reference(src, dst, offset_in, offset_out, max)
+        {
+            Ok(Some(n)) => reply.written(n as u32),
+            Ok(None) => reply.error(Errno::EOPNOTSUPP),
+            Err(e) => reply.error(errno(e)),
+        }
     }
 
     /// SEEK_DATA and SEEK_HOLE; the kernel answers SEEK_SET, SEEK_CUR and SEEK_END itself.

@@ -435,6 +435,70 @@ fn fallocate_punches_holes() {
     m.finish();
 }
 
+/// `cp` inside the mount goes through copy_file_range, which dedupfs answers by reference:
+/// the copy reads the same and adds no chunk, also out of a snapshot; the copies then
+/// change on their own.
+#[test]
+fn cp_in_the_mount_copies_by_reference() {
+    let mut m = Mounted::new();
+    let c = m.c();
+    let data = random(5 * MIB as usize, 91);
+    fs::write(c.join("src"), &data).unwrap();
+    let chunks = stats_chunks(&m);
+    let written = || {
+        let text = ok(dedupfs([
+            "stats".as_ref(),
+            "--json".as_ref(),
+            "--store".as_ref(),
+            m.store.as_os_str(),
+        ]));
+        let value: serde_json::Value = serde_json::from_str(&text).expect("stats --json");
+        value["mount"]["bytes_written"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no bytes_written in stats: {text}"))
+    };
+    let cp = |from: &Path, to: &Path| {
+        let out = Command::new("cp").arg(from).arg(to).output().unwrap();
+        assert!(
+            out.status.success(),
+            "cp: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let before = written();
+    cp(&c.join("src"), &c.join("copy"));
+    assert_eq!(written(), before, "cp wrote no byte through the mount");
+    assert_eq!(fs::read(c.join("copy")).unwrap(), data);
+    assert_eq!(stats_chunks(&m), chunks, "cp added no chunk");
+    ok(dedupfs([
+        "snapshot".as_ref(),
+        "create".as_ref(),
+        "c".as_ref(),
+        "s".as_ref(),
+        "--store".as_ref(),
+        m.store.as_os_str(),
+    ]));
+    {
+        let f = OpenOptions::new().write(true).open(c.join("copy")).unwrap();
+        f.write_all_at(b"changed", MIB).unwrap();
+    }
+    fs::remove_file(c.join("src")).unwrap();
+    let before = written();
+    cp(&c.join(".snapshots/s/copy"), &c.join("back"));
+    assert_eq!(written(), before, "by reference out of the snapshot too");
+    assert_eq!(
+        fs::read(c.join("back")).unwrap(),
+        data,
+        "out of the snapshot"
+    );
+    let mut changed = data.clone();
+    changed[MIB as usize..MIB as usize + 7].copy_from_slice(b"changed");
+    assert_eq!(fs::read(c.join("copy")).unwrap(), changed);
+    m.remount();
+    assert_eq!(fs::read(c.join("back")).unwrap(), data);
+    m.finish();
+}
+
 #[test]
 fn file_larger_than_4_gib() {
     let mut m = Mounted::new();

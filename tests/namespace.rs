@@ -612,6 +612,10 @@ fn punch_hole_makes_a_hole() {
 
     // Across chunk boundaries, with a pending write inside and one across its end.
     ns.open(f).expect("open");
+    let over_start = random(100_000, 64);
+    ns.write(f, 450_000, &over_start)
+        .expect("pending across the start");
+    data[450_000..500_000].copy_from_slice(&over_start[..50_000]);
     ns.write(f, 600_000, &random(5_000, 62))
         .expect("pending inside");
     let across = random(20_000, 63);
@@ -661,6 +665,123 @@ fn punch_hole_makes_a_hole() {
         "{:?}",
         ns.counters()
     );
+
+    // Inside one chunk, and ZERO_RANGE past the end, which extends the file.
+    let mut small = random(MIB as usize, 65);
+    let g = file_with(ns, c.root, "g", &small);
+    ns.punch_hole(g, 300_000, 100)
+        .expect("punch inside a chunk");
+    small[300_000..300_100].fill(0);
+    assert!(read_all(ns, g) == small);
+    assert_eq!(blocks(g), MIB - 100);
+    ns.zero_range(g, MIB - 10, 100, true)
+        .expect("zero range past the end");
+    small[MIB as usize - 10..].fill(0);
+    small.resize(MIB as usize + 90, 0);
+    assert_eq!(ns.getattr(g).expect("getattr").rec.size, MIB + 90);
+    assert!(read_all(ns, g) == small);
+    assert_eq!(blocks(g), MIB - 110);
+    fx.fsck_clean();
+}
+
+/// Copies a file with `copy_by_reference` the way `cp` calls copy_file_range: windows from
+/// the start until it reports 0.
+fn copy_whole(ns: &Namespace, src: InodeNo, dst: InodeNo, window: u64) -> u64 {
+    let mut at = 0;
+    loop {
+        match ns
+            .copy_by_reference(src, dst, at, at, window)
+            .expect("copy")
+        {
+            Some(0) => return at,
+            Some(n) => at += n,
+            None => panic!("no copy by reference at {at}"),
+        }
+    }
+}
+
+/// copy_file_range by reference: a whole-file copy (live, with the source's pending writes,
+/// and out of a snapshot) reads back the same and stores no chunk; the copies then change
+/// on their own; other shapes are left to the caller.
+#[test]
+fn copy_by_reference_shares_chunks() {
+    let fx = Fixture::new();
+    let ns = fx.ns();
+    let c = ns.create_container("c", ROOT, 0o755).expect("container");
+    let mut data = random(3 * MIB as usize, 81);
+    let src = file_with(ns, c.root, "src", &data);
+    ns.open(src).expect("open");
+    ns.write(src, 100, b"pending").expect("pending write");
+    data[100..107].copy_from_slice(b"pending");
+    ns.flush(src).expect("commit");
+    let before = ns.counters();
+    let dst = create(ns, c.root, "dst");
+    assert_eq!(copy_whole(ns, src, dst, MIB), 3 * MIB);
+    assert!(read_all(ns, dst) == data, "the copy reads the same");
+    let after = ns.counters();
+    assert_eq!(after.stored_bytes, before.stored_bytes, "no chunk stored");
+    assert_eq!(after.chunks, before.chunks);
+    assert_eq!(after.logical_bytes, before.logical_bytes + 3 * MIB);
+    assert_eq!(ns.getattr(dst).expect("getattr").rec.data_bytes, 3 * MIB);
+    fx.fsck_clean();
+
+    // Other shapes: the caller copies bytes.
+    let other = create(ns, c.root, "other");
+    assert_eq!(
+        ns.copy_by_reference(src, other, 0, 10, MIB),
+        Ok(None),
+        "offsets differ"
+    );
+    assert_eq!(
+        ns.copy_by_reference(src, dst, 0, 0, MIB),
+        Ok(None),
+        "dst not at the offset"
+    );
+    truncate(ns, other, 100);
+    assert_eq!(
+        ns.copy_by_reference(src, other, 100, 100, MIB),
+        Ok(None),
+        "cuts a chunk"
+    );
+    assert_eq!(
+        ns.copy_by_reference(src, src, 0, 0, MIB),
+        Ok(None),
+        "itself"
+    );
+
+    // The copies change on their own.
+    ns.write(dst, 0, b"changed").expect("write the copy");
+    ns.release(src).expect("release");
+    truncate(ns, src, 0);
+    let mut want = data.clone();
+    want[..7].copy_from_slice(b"changed");
+    assert!(read_all(ns, dst) == want, "the copy outlives its source");
+    fx.fsck_clean();
+
+    // Out of a snapshot.
+    ns.create_snapshot("c", Some("s")).expect("snapshot");
+    ns.unlink(c.root, b"dst", ROOT).expect("unlink");
+    let view = ns
+        .lookup(snapshot_root(ns, c.root, "s"), b"dst")
+        .expect("in the snapshot")
+        .ino;
+    let back = create(ns, c.root, "back");
+    let stored = ns.counters().stored_bytes;
+    assert_eq!(copy_whole(ns, view, back, 4 * MIB), 3 * MIB);
+    assert!(read_all(ns, back) == want, "restored by reference");
+    assert_eq!(ns.counters().stored_bytes, stored);
+    ns.delete_snapshot("c", "s").expect("delete");
+    assert!(
+        read_all(ns, back) == want,
+        "the restored copy holds its chunks"
+    );
+    fx.fsck_clean();
+
+    // Into another container: its counters take the bytes.
+    let d = ns.create_container("d", ROOT, 0o755).expect("container");
+    let there = create(ns, d.root, "there");
+    assert_eq!(copy_whole(ns, back, there, 4 * MIB), 3 * MIB);
+    assert!(read_all(ns, there) == want);
     fx.fsck_clean();
 }
 

@@ -980,8 +980,17 @@ impl Namespace {
     /// back unless a snapshot or another file holds them); the bytes a chunk straddling an
     /// end holds outside the range are re-chunked as a write of them would be.
     pub fn punch_hole(&self, ino: InodeNo, offset: u64, len: u64) -> FsResult<()> {
+        self.zero_range(ino, offset, len, false)
+    }
+
+    /// fallocate(2) ZERO_RANGE: [`Namespace::punch_hole`], and with `extend` a range reaching
+    /// past the end also extends the size to its end, in the same batch.
+    pub fn zero_range(&self, ino: InodeNo, offset: u64, len: u64, extend: bool) -> FsResult<()> {
         writable(ino)?;
         let end = offset.checked_add(len).ok_or(FsError::Invalid)?;
+        if end > FILE_SIZE_MAX {
+            return Err(FsError::TooBig);
+        }
         if self.kv.is_poisoned() {
             return Err(FsError::ReadOnly);
         }
@@ -991,13 +1000,10 @@ impl Namespace {
             if let Some(e) = st.error.take() {
                 return Err(e);
             }
+            let grow = extend && end > st.size;
             let end = end.min(st.size);
-            if offset >= end {
+            if offset >= end && !grow {
                 return Ok(());
-            }
-            st.cut_dirty(offset, end);
-            if st.resume_at.is_some_and(|r| r >= offset) {
-                st.resume_at = None;
             }
             let first = st
                 .extents
@@ -1010,7 +1016,8 @@ impl Namespace {
                 .filter(|(s, e)| e.end(**s) > offset)
                 .map(|(s, e)| (*s, *e))
                 .collect();
-            // Read what the straddling chunks hold outside the range before they go.
+            // Everything that can fail comes before the state changes: what the straddling
+            // chunks hold outside the range (pending bytes over them included).
             let mut keep = Vec::new();
             for (s, e) in &hit {
                 if *s < offset {
@@ -1020,16 +1027,171 @@ impl Namespace {
                     keep.push((end, self.fill(ino, &st, end, e.end(*s) - end, Holes::Zero)?));
                 }
             }
-            for (s, e) in hit {
-                st.extents.remove(&s);
-                st.released.push((s, e));
+            // To put back should the batch fail: the pending bytes the range drops.
+            let cut: Vec<(u64, Vec<u8>)> = st
+                .dirty
+                .iter()
+                .filter(|(s, v)| **s < end && **s + v.len() as u64 > offset)
+                .map(|(s, v)| (*s, v.clone()))
+                .collect();
+            let (old_size, old_resume) = (st.size, st.resume_at);
+            if end > offset {
+                st.cut_dirty(offset, end);
+            }
+            if st.resume_at.is_some_and(|r| r >= offset && r < end) {
+                st.resume_at = None;
+            }
+            for (s, e) in &hit {
+                st.extents.remove(s);
+                st.released.push((*s, *e));
             }
             for (s, bytes) in keep {
                 st.insert_dirty(s, &bytes);
             }
+            if grow {
+                st.size = offset.saturating_add(len);
+            }
             st.times_dirty = Some(now_ns());
-            self.commit(file, st, CommitMode::All, Sync::Process, None)
+            let result = self.commit(file, st, CommitMode::All, Sync::Process, None);
+            if result.is_err() {
+                // Leave the file as it was, not with a hole the next commit would store
+                // although fallocate failed.
+                let mut st = file.state.lock();
+                Self::wait_idle(file, &mut st);
+                let offsets: std::collections::HashSet<u64> = hit.iter().map(|(s, _)| *s).collect();
+                st.released.retain(|(s, _)| !offsets.contains(s));
+                st.extents.extend(hit);
+                for (s, bytes) in cut {
+                    st.insert_dirty(s, &bytes);
+                }
+                st.size = old_size;
+                st.resume_at = old_resume;
+            }
+            result
         })
+    }
+
+    /// copy_file_range(2) by reference: `src`'s chunks from `offset` on become `dst`'s at the
+    /// same offset, each gaining a reference, in one batch; no byte is read, cut, hashed or
+    /// compressed. Done only for the shape a whole-file copy takes (`cp`): the same offset on
+    /// both sides, `dst` ending there with nothing pending, and no chunk of `src` cut by the
+    /// start. The copy stops short of `max` bytes at a chunk boundary. Ok(None) for any other
+    /// shape: the caller copies bytes instead. `src` may be a snapshot's file.
+    pub fn copy_by_reference(
+        &self,
+        src: InodeNo,
+        dst: InodeNo,
+        offset: u64,
+        offset_out: u64,
+        max: u64,
+    ) -> FsResult<Option<u64>> {
+        writable(dst)?;
+        if offset != offset_out || src == dst || max == 0 {
+            return Ok(None);
+        }
+        if self.kv.is_poisoned() {
+            return Err(FsError::ReadOnly);
+        }
+        // The copy takes what is committed: the source's pending writes first.
+        if !is_snapshot_ino(src) {
+            self.flush(src)?;
+        }
+        self.with_file(dst, |file| {
+            let mut st = file.state.lock();
+            Self::wait_idle(file, &mut st);
+            if let Some(e) = st.error.take() {
+                return Err(e);
+            }
+            if st.size != offset || st.has_pending() {
+                return Ok(None);
+            }
+            // Under the commit lock no batch can release the source's chunks meanwhile.
+            let mut commit = self.commit.lock();
+            let (src_size, src_extents) = self.committed_extents(src)?;
+            if offset >= src_size {
+                return Ok(Some(0));
+            }
+            let mut end = offset.saturating_add(max).min(src_size);
+            if let Some((s, e)) = src_extents.range(..=offset).next_back() {
+                if *s < offset && s + e.len as u64 > offset {
+                    return Ok(None); // the start cuts a chunk
+                }
+            }
+            if let Some((s, e)) = src_extents.range(..end).next_back() {
+                if s + e.len as u64 > end {
+                    end = *s; // stop before the chunk the limit cuts
+                }
+            }
+            if end <= offset {
+                return Ok(None);
+            }
+            let mut txn = Txn::new(Sync::Process);
+            let live = self.live_epoch(st.container);
+            let mut added = Vec::new();
+            let mut logical = 0u64;
+            for (&at, rec) in src_extents.range(offset..end) {
+                self.put_extent(&mut txn, dst, at, st.container, rec, false)?;
+                txn.reference(rec.chunk, None);
+                logical += rec.len as u64;
+                let birth = live;
+                added.push((
+                    at,
+                    Extent {
+                        chunk: rec.chunk,
+                        len: rec.len,
+                        birth,
+                    },
+                ));
+            }
+            let (mut rec, _) = self.read_inode(dst)?.ok_or(FsError::NotFound)?;
+            let now = now_ns();
+            rec.size = end;
+            rec.data_bytes = st.data_bytes + logical;
+            rec.mtime = now;
+            rec.ctime = now;
+            self.put_inode(&mut txn, dst, &rec)?;
+            txn.count(st.container, |d| d.logical_bytes += logical as i64);
+            self.apply(&mut commit, txn, &|_| None)?;
+            drop(commit);
+            st.extents.extend(added);
+            st.data_bytes = rec.data_bytes;
+            st.size = end;
+            st.disk_size = end;
+            st.times_dirty = None;
+            Ok(Some(end - offset))
+        })
+    }
+
+    /// The committed size and extent map of a regular file, live (as the last batch left
+    /// it) or in a snapshot.
+    fn committed_extents(&self, ino: InodeNo) -> FsResult<(u64, BTreeMap<u64, ExtentRecord>)> {
+        if let View::Snapshot(id, inner) = View::of(ino) {
+            let file = self.snap_file(ino, id, inner)?;
+            return Ok((file.size, file.extents.clone()));
+        }
+        let rec = self.inode(ino)?;
+        if rec.kind != Kind::File {
+            return Err(if rec.kind == Kind::Dir {
+                FsError::IsDir
+            } else {
+                FsError::Invalid
+            });
+        }
+        let loaded = self.load_file(ino, &rec)?.state.into_inner();
+        let extents = loaded
+            .extents
+            .into_iter()
+            .map(|(at, e)| {
+                (
+                    at,
+                    ExtentRecord {
+                        chunk: e.chunk,
+                        len: e.len,
+                    },
+                )
+            })
+            .collect();
+        Ok((rec.size, extents))
     }
 
     /// Bytes of `[pos, pos+len)` from pending writes over committed chunks. With

@@ -925,7 +925,7 @@ impl Namespace {
     /// loaded for reads without an open, so that the reads of one file load it once. Those
     /// are kept while they hold at most `RECENT_SNAP_EXTENTS` extents together; the newest
     /// is kept whatever its size, as an open file's map would be.
-    fn snap_file(
+    pub(super) fn snap_file(
         &self,
         view_ino: InodeNo,
         id: SnapshotId,
