@@ -701,8 +701,9 @@ fn copy_whole(ns: &Namespace, src: InodeNo, dst: InodeNo, window: u64) -> u64 {
 }
 
 /// copy_file_range by reference: a whole-file copy (live, with the source's pending writes,
-/// and out of a snapshot) reads back the same and stores no chunk; the copies then change
-/// on their own; other shapes are left to the caller.
+/// into an open destination, and out of a snapshot, also into a file truncated after that
+/// snapshot) reads back the same and stores no chunk; the copies then change on their own,
+/// also while open and across a snapshot; other shapes are left to the caller.
 #[test]
 fn copy_by_reference_shares_chunks() {
     let fx = Fixture::new();
@@ -713,9 +714,16 @@ fn copy_by_reference_shares_chunks() {
     ns.open(src).expect("open");
     ns.write(src, 100, b"pending").expect("pending write");
     data[100..107].copy_from_slice(b"pending");
-    ns.flush(src).expect("commit");
+    let early = create(ns, c.root, "early");
+    assert_eq!(copy_whole(ns, src, early, MIB), 3 * MIB);
+    assert!(
+        read_all(ns, early) == data,
+        "the source's pending write is copied"
+    );
+
     let before = ns.counters();
     let dst = create(ns, c.root, "dst");
+    ns.open(dst).expect("open the destination");
     assert_eq!(copy_whole(ns, src, dst, MIB), 3 * MIB);
     assert!(read_all(ns, dst) == data, "the copy reads the same");
     let after = ns.counters();
@@ -749,38 +757,57 @@ fn copy_by_reference_shares_chunks() {
         "itself"
     );
 
-    // The copies change on their own.
-    ns.write(dst, 0, b"changed").expect("write the copy");
+    // The copies change on their own: the open copy across a snapshot, the source truncated.
+    ns.create_snapshot("c", Some("t")).expect("snapshot");
+    ns.write(dst, 0, b"changed").expect("write the open copy");
+    truncate(ns, dst, 2 * MIB);
+    ns.release(dst).expect("release");
     ns.release(src).expect("release");
     truncate(ns, src, 0);
-    let mut want = data.clone();
+    let mut want = data[..2 * MIB as usize].to_vec();
     want[..7].copy_from_slice(b"changed");
     assert!(read_all(ns, dst) == want, "the copy outlives its source");
-    fx.fsck_clean();
-
-    // Out of a snapshot.
-    ns.create_snapshot("c", Some("s")).expect("snapshot");
-    ns.unlink(c.root, b"dst", ROOT).expect("unlink");
-    let view = ns
-        .lookup(snapshot_root(ns, c.root, "s"), b"dst")
+    let in_t = ns
+        .lookup(snapshot_root(ns, c.root, "t"), b"dst")
         .expect("in the snapshot")
         .ino;
+    assert!(
+        read_all(ns, in_t) == data,
+        "the snapshot keeps the copy as it was"
+    );
+    ns.delete_snapshot("c", "t").expect("delete");
+    fx.fsck_clean();
+
+    // Out of a snapshot, also into a file truncated after it.
+    ns.create_snapshot("c", Some("s")).expect("snapshot");
+    ns.unlink(c.root, b"dst", ROOT).expect("unlink");
+    truncate(ns, early, 0);
+    let root = snapshot_root(ns, c.root, "s");
+    let view = ns.lookup(root, b"dst").expect("in the snapshot").ino;
     let back = create(ns, c.root, "back");
     let stored = ns.counters().stored_bytes;
-    assert_eq!(copy_whole(ns, view, back, 4 * MIB), 3 * MIB);
+    assert_eq!(copy_whole(ns, view, back, 4 * MIB), 2 * MIB);
     assert!(read_all(ns, back) == want, "restored by reference");
     assert_eq!(ns.counters().stored_bytes, stored);
+    let early_view = ns.lookup(root, b"early").expect("in the snapshot").ino;
+    assert_eq!(copy_whole(ns, early_view, early, 4 * MIB), 3 * MIB);
+    assert!(
+        read_all(ns, early) == data,
+        "into a file truncated after the snapshot"
+    );
+    fx.fsck_clean();
     ns.delete_snapshot("c", "s").expect("delete");
     assert!(
         read_all(ns, back) == want,
         "the restored copy holds its chunks"
     );
+    assert!(read_all(ns, early) == data);
     fx.fsck_clean();
 
     // Into another container: its counters take the bytes.
     let d = ns.create_container("d", ROOT, 0o755).expect("container");
     let there = create(ns, d.root, "there");
-    assert_eq!(copy_whole(ns, back, there, 4 * MIB), 3 * MIB);
+    assert_eq!(copy_whole(ns, back, there, 4 * MIB), 2 * MIB);
     assert!(read_all(ns, there) == want);
     fx.fsck_clean();
 }

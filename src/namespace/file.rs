@@ -1092,7 +1092,13 @@ impl Namespace {
         if self.kv.is_poisoned() {
             return Err(FsError::ReadOnly);
         }
-        // The copy takes what is committed: the source's pending writes first.
+        // The copy takes what is committed: the source's pending writes first. A source
+        // whose background commit failed keeps that failure for its writer: bytes instead.
+        if let Some(f) = self.open_file(src) {
+            if f.state.lock().error.is_some() {
+                return Ok(None);
+            }
+        }
         if !is_snapshot_ino(src) {
             self.flush(src)?;
         }
@@ -1107,7 +1113,12 @@ impl Namespace {
             }
             // Under the commit lock no batch can release the source's chunks meanwhile.
             let mut commit = self.commit.lock();
-            let (src_size, src_extents) = self.committed_extents(src)?;
+            // Only the window's extents, and those a chunk's length before it (one may hold
+            // `offset`): no extent is longer than the store's largest chunk.
+            let back = u64::from(self.store.config.chunker.max);
+            let limit = offset.saturating_add(max);
+            let (src_size, src_extents) =
+                self.committed_extents(src, offset.saturating_sub(back), limit)?;
             if offset >= src_size {
                 return Ok(Some(0));
             }
@@ -1123,6 +1134,13 @@ impl Namespace {
                 }
             }
             if end <= offset {
+                return Ok(None);
+            }
+            // A damaged chunk is not copied on: the byte copy meets it as EIO.
+            if src_extents
+                .range(offset..end)
+                .any(|(_, r)| self.chunks.is_suspect(&r.chunk))
+            {
                 return Ok(None);
             }
             let mut txn = Txn::new(Sync::Process);
@@ -1162,12 +1180,17 @@ impl Namespace {
         })
     }
 
-    /// The committed size and extent map of a regular file, live (as the last batch left
-    /// it) or in a snapshot.
-    fn committed_extents(&self, ino: InodeNo) -> FsResult<(u64, BTreeMap<u64, ExtentRecord>)> {
+    /// The committed size of a regular file, live (as the last batch left it) or in a
+    /// snapshot, and its extents that start in `[from, to)`.
+    fn committed_extents(
+        &self,
+        ino: InodeNo,
+        from: u64,
+        to: u64,
+    ) -> FsResult<(u64, BTreeMap<u64, ExtentRecord>)> {
         if let View::Snapshot(id, inner) = View::of(ino) {
-            let file = self.snap_file(ino, id, inner)?;
-            return Ok((file.size, file.extents.clone()));
+            let file = self.load_snap_range(id, inner, from, to)?;
+            return Ok((file.size, file.extents));
         }
         let rec = self.inode(ino)?;
         if rec.kind != Kind::File {
@@ -1177,20 +1200,31 @@ impl Namespace {
                 FsError::Invalid
             });
         }
-        let loaded = self.load_file(ino, &rec)?.state.into_inner();
-        let extents = loaded
-            .extents
-            .into_iter()
-            .map(|(at, e)| {
-                (
-                    at,
-                    ExtentRecord {
-                        chunk: e.chunk,
-                        len: e.len,
-                    },
-                )
-            })
-            .collect();
+        let mut extents = BTreeMap::new();
+        let mut last = None;
+        let start = key::extent_offset_prefix(ino, from);
+        for item in self
+            .kv
+            .scan_from(Cf::Extent, &key::extents_prefix(ino), &start)
+        {
+            let (k, v) = item?;
+            let Some((_, offset, _)) = key::parse_extent(&k) else {
+                tracing::error!("{ino}: malformed extent key {}", hex::encode(&k));
+                return Err(FsError::Io);
+            };
+            if offset >= to {
+                break;
+            }
+            // Versions of one offset are adjacent, newest (the live one) first.
+            if last == Some(offset) {
+                continue;
+            }
+            last = Some(offset);
+            if crate::format::is_tombstone(&v) {
+                continue;
+            }
+            extents.insert(offset, ExtentRecord::decode(&v).ok_or(FsError::Io)?);
+        }
         Ok((rec.size, extents))
     }
 

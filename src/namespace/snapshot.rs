@@ -869,7 +869,7 @@ impl Namespace {
     }
 
     /// [`Namespace::load_snap_file`] with only the extents that start in `[from, to)`.
-    fn load_snap_range(
+    pub(super) fn load_snap_range(
         &self,
         id: SnapshotId,
         ino: InodeNo,
