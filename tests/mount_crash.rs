@@ -7,6 +7,7 @@ mod common;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -179,7 +180,8 @@ fn one_file(
     // Changes that are not appends: the file leaves the prefix check.
     let modify = |f: &mut File, rng: &mut StdRng, expected: &mut Vec<u8>| -> std::io::Result<()> {
         forget(shared, path);
-        if rng.gen_bool(0.6) || expected.is_empty() {
+        let kind: f64 = rng.gen();
+        if kind < 0.6 || expected.is_empty() {
             let at = rng.gen_range(0..=expected.len());
             let n = rng.gen_range(1..=192 * 1024);
             let bytes = content(rng, &shared.pool, n);
@@ -188,10 +190,21 @@ fn one_file(
                 expected.resize(at + bytes.len(), 0);
             }
             expected[at..at + bytes.len()].copy_from_slice(&bytes);
-        } else {
+        } else if kind < 0.8 {
             let len = rng.gen_range(0..=expected.len() + 128 * 1024);
             f.set_len(len as u64)?;
             expected.resize(len, 0);
+        } else {
+            // A punched hole: one batch like the rest.
+            let at = rng.gen_range(0..expected.len());
+            let n = rng.gen_range(1..=256 * 1024).min(expected.len() - at);
+            let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+            // SAFETY: a plain fallocate on an open descriptor.
+            let r = unsafe { libc::fallocate(f.as_raw_fd(), mode, at as i64, n as i64) };
+            if r != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            expected[at..at + n].fill(0);
         }
         Ok(())
     };
@@ -205,6 +218,43 @@ fn one_file(
             .lock()
             .unwrap()
             .insert(path.to_path_buf(), Expect::of(&expected));
+        if rng.gen_bool(0.2) {
+            // A copy by reference (copy_file_range, as cp makes it), synced: it must read
+            // back whole after the kill, and its chunk references must add up.
+            let copy = path.with_extension("copy");
+            let dst = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&copy)?;
+            mine.push(copy.clone());
+            let (mut off_in, mut off_out) = (0i64, 0i64);
+            while (off_in as usize) < expected.len() {
+                let left = expected.len() - off_in as usize;
+                // SAFETY: copy_file_range between open descriptors, offsets owned here.
+                let n = unsafe {
+                    libc::copy_file_range(
+                        f.as_raw_fd(),
+                        &mut off_in,
+                        dst.as_raw_fd(),
+                        &mut off_out,
+                        left,
+                        0,
+                    )
+                };
+                if n < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if n == 0 {
+                    break;
+                }
+            }
+            dst.sync_all()?;
+            shared
+                .synced
+                .lock()
+                .unwrap()
+                .insert(copy, Expect::of(&expected));
+        }
         if rng.gen_bool(0.25) {
             modify(&mut f, rng, &mut expected)?;
             if rng.gen_bool(0.5) {
@@ -220,7 +270,7 @@ fn one_file(
     if rng.gen_bool(0.1) {
         // Unlinked while open: an orphan that a kill leaves for the next mount to reclaim.
         forget(shared, path);
-        mine.pop();
+        mine.retain(|p| p != path);
         std::fs::remove_file(path)?;
         modify(&mut f, rng, &mut expected)?;
         f.sync_all()?;

@@ -185,18 +185,23 @@ fn assert_zeros(data: &[u8], what: &str) {
     }
 }
 
-/// The store's chunk count from `dedupfs stats --json` (asked of the running mount).
-fn stats_chunks(m: &Mounted) -> u64 {
+/// `dedupfs stats --json` (asked of the running mount).
+fn stats_json(m: &Mounted) -> serde_json::Value {
     let text = ok(dedupfs([
         "stats".as_ref(),
         "--json".as_ref(),
         "--store".as_ref(),
         m.store.as_os_str(),
     ]));
-    let value: serde_json::Value = serde_json::from_str(&text).expect("stats --json is JSON");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("stats --json: {e}: {text}"))
+}
+
+/// The store's chunk count from `dedupfs stats --json`.
+fn stats_chunks(m: &Mounted) -> u64 {
+    let value = stats_json(m);
     value["chunks"]
         .as_u64()
-        .unwrap_or_else(|| panic!("no chunk count in stats: {text}"))
+        .unwrap_or_else(|| panic!("no chunk count in stats: {value}"))
 }
 
 /// `container info NAME --json` as JSON.
@@ -446,16 +451,10 @@ fn cp_in_the_mount_copies_by_reference() {
     fs::write(c.join("src"), &data).unwrap();
     let chunks = stats_chunks(&m);
     let written = || {
-        let text = ok(dedupfs([
-            "stats".as_ref(),
-            "--json".as_ref(),
-            "--store".as_ref(),
-            m.store.as_os_str(),
-        ]));
-        let value: serde_json::Value = serde_json::from_str(&text).expect("stats --json");
+        let value = stats_json(&m);
         value["mount"]["bytes_written"]
             .as_u64()
-            .unwrap_or_else(|| panic!("no bytes_written in stats: {text}"))
+            .unwrap_or_else(|| panic!("no bytes_written in stats: {value}"))
     };
     let cp = |from: &Path, to: &Path| {
         let out = Command::new("cp").arg(from).arg(to).output().unwrap();

@@ -445,6 +445,15 @@ impl CutPlan {
     }
 }
 
+/// Ok for a regular file; EISDIR for a directory, EINVAL for anything else.
+fn regular(rec: &InodeRecord) -> FsResult<()> {
+    match rec.kind {
+        Kind::File => Ok(()),
+        Kind::Dir => Err(FsError::IsDir),
+        _ => Err(FsError::Invalid),
+    }
+}
+
 /// Sorted iterators of (start, end) merged into one sorted by start.
 pub(crate) fn merge_by_start<'a, const N: usize>(
     sources: [Box<dyn Iterator<Item = (u64, u64)> + 'a>; N],
@@ -644,13 +653,7 @@ impl Namespace {
             return Ok(entry.file.clone());
         }
         let rec = self.inode(ino)?;
-        if rec.kind != Kind::File {
-            return Err(if rec.kind == Kind::Dir {
-                FsError::IsDir
-            } else {
-                FsError::Invalid
-            });
-        }
+        regular(&rec)?;
         if rec.nlink == 0 {
             return Err(FsError::NotFound);
         }
@@ -1193,38 +1196,8 @@ impl Namespace {
             return Ok((file.size, file.extents));
         }
         let rec = self.inode(ino)?;
-        if rec.kind != Kind::File {
-            return Err(if rec.kind == Kind::Dir {
-                FsError::IsDir
-            } else {
-                FsError::Invalid
-            });
-        }
-        let mut extents = BTreeMap::new();
-        let mut last = None;
-        let start = key::extent_offset_prefix(ino, from);
-        for item in self
-            .kv
-            .scan_from(Cf::Extent, &key::extents_prefix(ino), &start)
-        {
-            let (k, v) = item?;
-            let Some((_, offset, _)) = key::parse_extent(&k) else {
-                tracing::error!("{ino}: malformed extent key {}", hex::encode(&k));
-                return Err(FsError::Io);
-            };
-            if offset >= to {
-                break;
-            }
-            // Versions of one offset are adjacent, newest (the live one) first.
-            if last == Some(offset) {
-                continue;
-            }
-            last = Some(offset);
-            if crate::format::is_tombstone(&v) {
-                continue;
-            }
-            extents.insert(offset, ExtentRecord::decode(&v).ok_or(FsError::Io)?);
-        }
+        regular(&rec)?;
+        let extents = self.extents_at(ino, Epoch(u64::MAX), from, to)?;
         Ok((rec.size, extents))
     }
 

@@ -883,6 +883,23 @@ impl Namespace {
             Kind::Dir => return Err(FsError::IsDir),
             _ => return Err(FsError::Invalid),
         }
+        let extents = self.extents_at(ino, s.epoch, from, to)?;
+        Ok(SnapFile {
+            size: rec.size,
+            extents,
+        })
+    }
+
+    /// The extents of `ino` as epoch `at` sees them (the newest version of each offset born
+    /// at or before it; `Epoch(u64::MAX)` for the live file), of those starting in
+    /// `[from, to)`.
+    pub(super) fn extents_at(
+        &self,
+        ino: InodeNo,
+        at: Epoch,
+        from: u64,
+        to: u64,
+    ) -> FsResult<BTreeMap<u64, ExtentRecord>> {
         let mut extents = BTreeMap::new();
         let mut last = None;
         let start = key::extent_offset_prefix(ino, from);
@@ -892,12 +909,14 @@ impl Namespace {
         {
             let (k, v) = item?;
             let Some((_, offset, birth)) = key::parse_extent(&k) else {
+                tracing::error!("{ino}: malformed extent key {}", hex::encode(&k));
                 return Err(FsError::Io);
             };
             if offset >= to {
                 break;
             }
-            if birth > s.epoch || last == Some(offset) {
+            // Versions of one offset are adjacent, newest first.
+            if birth > at || last == Some(offset) {
                 continue;
             }
             last = Some(offset);
@@ -906,10 +925,7 @@ impl Namespace {
             }
             extents.insert(offset, ExtentRecord::decode(&v).ok_or(FsError::Io)?);
         }
-        Ok(SnapFile {
-            size: rec.size,
-            extents,
-        })
+        Ok(extents)
     }
 
     /// Drops the extent maps kept for reads without an open of snapshot `id` (deleted, or
