@@ -10,6 +10,17 @@ use std::process::Output;
 use common::{dedupfs, is_mounted, ok, random, refused, run, Mounted};
 use serde_json::Value;
 
+/// `dedupfs mount STORE AT --snapshot SPEC`.
+fn mount_snapshot(store: &Path, at: &Path, spec: &str) -> Output {
+    dedupfs([
+        "mount".as_ref(),
+        store.as_os_str(),
+        at.as_os_str(),
+        "--snapshot".as_ref(),
+        spec.as_ref(),
+    ])
+}
+
 fn errno_of(r: std::io::Result<impl Sized>) -> Option<i32> {
     r.err().and_then(|e| e.raw_os_error())
 }
@@ -25,13 +36,7 @@ fn snapshot_mounts_beside_the_main_mount_and_alone() {
     // Beside the main mount: the running daemon serves it.
     let snap = m.dir.path().join("snap");
     std::fs::create_dir(&snap).unwrap();
-    ok(dedupfs([
-        "mount".as_ref(),
-        m.store.as_os_str(),
-        snap.as_os_str(),
-        "--snapshot".as_ref(),
-        "c@s1".as_ref(),
-    ]));
+    ok(mount_snapshot(&m.store, &snap, "c@s1"));
     assert_eq!(std::fs::read(snap.join("d/f")).unwrap(), b"before");
     assert_eq!(std::fs::read(m.c().join("d/f")).unwrap(), b"after");
     assert_eq!(
@@ -49,13 +54,7 @@ fn snapshot_mounts_beside_the_main_mount_and_alone() {
 
     // Alone: the store is not mounted, the snapshot mount holds it.
     m.unmount();
-    ok(dedupfs([
-        "mount".as_ref(),
-        m.store.as_os_str(),
-        snap.as_os_str(),
-        "--snapshot".as_ref(),
-        "c@s1".as_ref(),
-    ]));
+    ok(mount_snapshot(&m.store, &snap, "c@s1"));
     assert_eq!(std::fs::read(snap.join("d/f")).unwrap(), b"before");
     assert_eq!(
         errno_of(std::fs::create_dir(snap.join("x"))),
@@ -63,26 +62,8 @@ fn snapshot_mounts_beside_the_main_mount_and_alone() {
     );
     ok(dedupfs(["umount".as_ref(), snap.as_os_str()]));
 
-    refused(
-        dedupfs([
-            "mount".as_ref(),
-            m.store.as_os_str(),
-            snap.as_os_str(),
-            "--snapshot".as_ref(),
-            "c@nope".as_ref(),
-        ]),
-        "does not exist",
-    );
-    refused(
-        dedupfs([
-            "mount".as_ref(),
-            m.store.as_os_str(),
-            snap.as_os_str(),
-            "--snapshot".as_ref(),
-            "c".as_ref(),
-        ]),
-        "CONTAINER@SNAPSHOT",
-    );
+    refused(mount_snapshot(&m.store, &snap, "c@nope"), "does not exist");
+    refused(mount_snapshot(&m.store, &snap, "c"), "CONTAINER@SNAPSHOT");
     assert!(!is_mounted(&snap));
     m.mount();
     ok(run(&m.store, &["snapshot", "delete", "c", "s1"]));
@@ -114,13 +95,7 @@ fn restore_mount_reads_files_without_open_state() {
 
     let snap = m.dir.path().join("snap");
     std::fs::create_dir(&snap).unwrap();
-    ok(dedupfs([
-        "mount".as_ref(),
-        m.store.as_os_str(),
-        snap.as_os_str(),
-        "--snapshot".as_ref(),
-        "c@s1".as_ref(),
-    ]));
+    ok(mount_snapshot(&m.store, &snap, "c@s1"));
     for round in 0..2 {
         for (i, data) in small.iter().enumerate() {
             let got = std::fs::read(snap.join(format!("many/{i}"))).unwrap();

@@ -185,6 +185,18 @@ fn assert_zeros(data: &[u8], what: &str) {
     }
 }
 
+/// `dedupfs snapshot create c NAME` (asked of the running mount).
+fn snapshot_create(m: &Mounted, name: &str) {
+    ok(dedupfs([
+        "snapshot".as_ref(),
+        "create".as_ref(),
+        "c".as_ref(),
+        name.as_ref(),
+        "--store".as_ref(),
+        m.store.as_os_str(),
+    ]));
+}
+
 /// `dedupfs stats --json` (asked of the running mount).
 fn stats_json(m: &Mounted) -> serde_json::Value {
     let text = ok(dedupfs([
@@ -469,14 +481,7 @@ fn cp_in_the_mount_copies_by_reference() {
     assert_eq!(written(), before, "cp wrote no byte through the mount");
     assert_eq!(fs::read(c.join("copy")).unwrap(), data);
     assert_eq!(stats_chunks(&m), chunks, "cp added no chunk");
-    ok(dedupfs([
-        "snapshot".as_ref(),
-        "create".as_ref(),
-        "c".as_ref(),
-        "s".as_ref(),
-        "--store".as_ref(),
-        m.store.as_os_str(),
-    ]));
+    snapshot_create(&m, "s");
     {
         let f = OpenOptions::new().write(true).open(c.join("copy")).unwrap();
         f.write_all_at(b"changed", MIB).unwrap();
@@ -1824,14 +1829,7 @@ fn listed_entries_stat_true() {
         assert_eq!(seen, FILES + 3, "{context}: entries");
     };
     check(&dir, "live");
-    ok(dedupfs([
-        "snapshot".as_ref(),
-        "create".as_ref(),
-        "c".as_ref(),
-        "s".as_ref(),
-        "--store".as_ref(),
-        m.store.as_os_str(),
-    ]));
+    snapshot_create(&m, "s");
     let snap = m.c().join(".snapshots/s/d");
     check(&snap, "snapshot");
 

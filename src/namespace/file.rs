@@ -446,7 +446,7 @@ impl CutPlan {
 }
 
 /// Ok for a regular file; EISDIR for a directory, EINVAL for anything else.
-fn regular(rec: &InodeRecord) -> FsResult<()> {
+pub(super) fn regular(rec: &InodeRecord) -> FsResult<()> {
     match rec.kind {
         Kind::File => Ok(()),
         Kind::Dir => Err(FsError::IsDir),
@@ -1117,11 +1117,10 @@ impl Namespace {
             // Under the commit lock no batch can release the source's chunks meanwhile.
             let mut commit = self.commit.lock();
             // Only the window's extents, and those a chunk's length before it (one may hold
-            // `offset`): no extent is longer than the store's largest chunk.
-            let back = u64::from(self.store.config.chunker.max);
+            // `offset`).
             let limit = offset.saturating_add(max);
-            let (src_size, src_extents) =
-                self.committed_extents(src, offset.saturating_sub(back), limit)?;
+            let from = offset.saturating_sub(self.longest_extent());
+            let (src_size, src_extents) = self.committed_extents(src, from, limit)?;
             if offset >= src_size {
                 return Ok(Some(0));
             }
@@ -1181,6 +1180,13 @@ impl Namespace {
             st.times_dirty = None;
             Ok(Some(end - offset))
         })
+    }
+
+    /// How far before an offset the extent holding it may start. What must hold: no extent
+    /// is longer than the store's largest chunk (every writer cuts with the store's chunker;
+    /// truncates and punched holes only shorten extents).
+    pub(super) fn longest_extent(&self) -> u64 {
+        u64::from(self.store.config.chunker.max)
     }
 
     /// The committed size of a regular file, live (as the last batch left it) or in a

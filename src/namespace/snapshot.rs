@@ -876,17 +876,29 @@ impl Namespace {
         from: u64,
         to: u64,
     ) -> FsResult<SnapFile> {
+        let (epoch, rec) = self.snap_record(id, ino)?;
+        self.snap_range(ino, epoch, &rec, from, to)
+    }
+
+    /// The epoch of snapshot `id` and the record of regular file `ino` in it.
+    fn snap_record(&self, id: SnapshotId, ino: InodeNo) -> FsResult<(Epoch, InodeRecord)> {
         let s = self.snapshot_of_view(id)?;
         let (rec, _) = self.inode_at(ino, s.epoch)?.ok_or(FsError::NotFound)?;
-        match rec.kind {
-            Kind::File => {}
-            Kind::Dir => return Err(FsError::IsDir),
-            _ => return Err(FsError::Invalid),
-        }
-        let extents = self.extents_at(ino, s.epoch, from, to)?;
+        super::file::regular(&rec)?;
+        Ok((s.epoch, rec))
+    }
+
+    fn snap_range(
+        &self,
+        ino: InodeNo,
+        epoch: Epoch,
+        rec: &InodeRecord,
+        from: u64,
+        to: u64,
+    ) -> FsResult<SnapFile> {
         Ok(SnapFile {
             size: rec.size,
-            extents,
+            extents: self.extents_at(ino, epoch, from, to)?,
         })
     }
 
@@ -950,8 +962,13 @@ impl Namespace {
         if let Some(file) = self.kept_snap_file(view_ino) {
             return Ok(file);
         }
-        // Loaded without the lock: another thread's read of the same file may load it too.
-        let file = Arc::new(self.load_snap_file(id, ino)?);
+        Ok(self.keep_snap_file(view_ino, id, self.load_snap_file(id, ino)?))
+    }
+
+    /// Keeps `file`, loaded without the lock (another thread's read of the same file may
+    /// have loaded it too), among the last few read.
+    fn keep_snap_file(&self, view_ino: InodeNo, id: SnapshotId, file: SnapFile) -> Arc<SnapFile> {
+        let file = Arc::new(file);
         let mut recent = self.snap_recent.lock();
         let live = self.snapshot_of_view(id).is_ok(); // not deleted meanwhile
         if live && !recent.iter().any(|(v, _)| *v == view_ino) {
@@ -967,7 +984,7 @@ impl Namespace {
                 .min(RECENT_SNAP_FILES);
             recent.truncate(keep);
         }
-        Ok(file)
+        file
     }
 
     /// lseek(2) SEEK_DATA or SEEK_HOLE in a snapshot file (see [`Namespace::seek`]).
@@ -1017,16 +1034,13 @@ impl Namespace {
         if let Some(file) = self.kept_snap_file(view_ino) {
             return Ok(file);
         }
-        let s = self.snapshot_of_view(id)?;
-        let (rec, _) = self.inode_at(ino, s.epoch)?.ok_or(FsError::NotFound)?;
+        let (epoch, rec) = self.snap_record(id, ino)?;
         if rec.size <= WHOLE_MAP_MAX_BYTES {
-            return self.snap_file(view_ino, id, ino);
+            let file = self.snap_range(ino, epoch, &rec, 0, u64::MAX)?;
+            return Ok(self.keep_snap_file(view_ino, id, file));
         }
-        // What must hold: no extent is longer than the store's largest chunk (every writer
-        // cuts with the store's chunker; truncates and punched holes only shorten extents).
-        let back = u64::from(self.store.config.chunker.max);
-        let from = offset.saturating_sub(back);
-        let range = self.load_snap_range(id, ino, from, offset.saturating_add(len))?;
+        let from = offset.saturating_sub(self.longest_extent());
+        let range = self.snap_range(ino, epoch, &rec, from, offset.saturating_add(len))?;
         Ok(Arc::new(range))
     }
 
